@@ -1,0 +1,265 @@
+//! The command line: `outboxd run`, `outboxd migrate`, `outboxd status`. Exit codes:
+//! 0 done, 1 a runtime failure (database unreachable...), 2 bad usage or configuration.
+
+use crate::config::{Config, ConfigError};
+use crate::service::Outboxd;
+use crate::store::{Store, connect_once, migrate};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outboxd",
+    version,
+    about = "Delivers events committed to a PostgreSQL outbox table to RabbitMQ, at least once."
+)]
+pub struct Cli {
+    /// Config file (TOML). Default: ./outboxd.toml if it exists.
+    #[arg(long, global = true, env = "OUTBOXD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// PostgreSQL URL; overrides DATABASE_URL, OUTBOXD_DATABASE_URL and the file.
+    #[arg(long, global = true)]
+    pub database_url: Option<String>,
+    /// Log output format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "OUTBOXD_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Relay events until SIGTERM/SIGINT.
+    Run {
+        /// Apply pending migrations first.
+        #[arg(long)]
+        migrate: bool,
+    },
+    /// Create or upgrade the outbox schema (idempotent; safe to run concurrently),
+    /// and create the daily partitions ahead.
+    Migrate {
+        /// Print the SQL that would run, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Events per status, the oldest pending event's age, dead letters.
+    Status,
+}
+
+/// A failure with the exit code it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<ConfigError> for Failure {
+    fn from(error: ConfigError) -> Self {
+        Failure {
+            code: 2,
+            message: error.to_string(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Failure {
+            code: 1,
+            message: format!("{error:#}"),
+        }
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("outboxd: error: cannot start the async runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(execute(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("outboxd: error: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,lapin=warn,amq_protocol=warn,tokio_postgres=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<Config, Failure> {
+    let path = match &cli.config {
+        Some(path) => Some(path.clone()),
+        None => {
+            let default = PathBuf::from("outboxd.toml");
+            default.exists().then_some(default)
+        }
+    };
+    let (mut config, warnings) = Config::load(path.as_deref(), std::env::vars())?;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    if let Some(url) = &cli.database_url {
+        config.database.url = url.clone();
+        config.validate()?;
+    }
+    Ok(config)
+}
+
+async fn execute(cli: Cli) -> Result<(), Failure> {
+    let config = load_config(&cli)?;
+    match cli.command {
+        Command::Migrate { dry_run } => migrate_command(&config, dry_run).await,
+        Command::Run { migrate } => {
+            if migrate {
+                migrate_command(&config, false).await?;
+            }
+            run_command(config).await
+        }
+        Command::Status => status_command(&config).await,
+    }
+}
+
+async fn migrate_command(config: &Config, dry_run: bool) -> Result<(), Failure> {
+    let mut client = connect_once(
+        &config.database.url,
+        config.database.connect_timeout,
+        "outboxd-migrate",
+    )
+    .await
+    .map_err(anyhow::Error::from)?;
+    if dry_run {
+        let pending = migrate::pending(&client)
+            .await
+            .map_err(anyhow::Error::from)?;
+        if pending.is_empty() {
+            println!("-- outboxd: the schema is up to date; nothing would run");
+        }
+        for migration in pending {
+            println!(
+                "-- migration {:04}_{}\n{}",
+                migration.version, migration.name, migration.sql
+            );
+        }
+        return Ok(());
+    }
+    let applied = migrate::run(&mut client)
+        .await
+        .map_err(anyhow::Error::from)?;
+    if applied.is_empty() {
+        tracing::info!("schema up to date");
+    }
+    let store = Store::connect(config).await.map_err(anyhow::Error::from)?;
+    let report = store
+        .ensure_partitions(config.partitions.days_ahead)
+        .await
+        .map_err(anyhow::Error::from)?;
+    tracing::info!(
+        migrations_applied = applied.len(),
+        partitions_created = report.created.len(),
+        default_partition_rows = report.default_rows,
+        "migrate done"
+    );
+    Ok(())
+}
+
+async fn run_command(config: Config) -> Result<(), Failure> {
+    let service = Outboxd::start(config).await.map_err(anyhow::Error::from)?;
+    tracing::info!("outboxd running");
+    let token = service.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received: draining");
+        token.cancel();
+    });
+    service.wait().await;
+    tracing::info!("outboxd stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn status_command(config: &Config) -> Result<(), Failure> {
+    let store = Store::connect(config).await.map_err(anyhow::Error::from)?;
+    let rows = store.status().await.map_err(anyhow::Error::from)?;
+    println!("{:<12} {:>12} {:>14}", "status", "events", "oldest");
+    for row in &rows {
+        let oldest = row
+            .oldest_age_seconds
+            .map(format_age)
+            .unwrap_or_else(|| "-".into());
+        println!("{:<12} {:>12} {:>14}", row.status, row.events, oldest);
+    }
+    let dead = rows
+        .iter()
+        .find(|r| r.status == "DEAD_LETTER")
+        .map_or(0, |r| r.events);
+    if dead > 0 {
+        println!(
+            "\n{dead} dead letter(s): SELECT id, tracking_id, event_type, attempts, last_error FROM outbox WHERE status = 'DEAD_LETTER';"
+        );
+    }
+    let default_rows = store
+        .default_partition_rows()
+        .await
+        .map_err(anyhow::Error::from)?;
+    if default_rows > 0 {
+        println!(
+            "\nwarning: {default_rows} row(s) in outbox_default (a daily partition was missing); run `outboxd migrate`"
+        );
+    }
+    Ok(())
+}
+
+fn format_age(seconds: f64) -> String {
+    if seconds < 120.0 {
+        format!("{seconds:.1}s")
+    } else if seconds < 7200.0 {
+        format!("{:.1}m", seconds / 60.0)
+    } else {
+        format!("{:.1}h", seconds / 3600.0)
+    }
+}

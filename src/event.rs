@@ -1,0 +1,54 @@
+//! The event as outboxd sees it once claimed, and the outcome a destination reports.
+
+use std::time::{Duration, SystemTime};
+use uuid::Uuid;
+
+/// A claimed outbox row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: i64,
+    pub created_at: SystemTime,
+    /// The idempotency key consumers dedupe on (AMQP `message_id`).
+    pub tracking_id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    /// The payload as JSON text, published as is.
+    pub payload: String,
+    /// Headers and trace context (a JSON object; anything else is ignored).
+    pub metadata: serde_json::Value,
+    /// Attempts so far, this one included (counted at claim).
+    pub attempts: i32,
+    /// The row's own limit; `None`: the configured `retry.max_attempts`.
+    pub max_attempts: Option<i32>,
+    /// Destinations that already acknowledged this event.
+    pub delivered_to: Vec<String>,
+}
+
+/// Events leased by one claim, all under one `lock_token`.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub lock_token: Uuid,
+    pub events: Vec<Event>,
+}
+
+/// What one destination did with one event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Acknowledged: a broker confirm ack (not a nack, not a return) or an HTTP 2xx.
+    Delivered,
+    /// Failed in a way that may pass later; `not_before` is the destination's own
+    /// earliest next time, if it named one.
+    Retry {
+        reason: String,
+        not_before: Option<Duration>,
+    },
+    /// Failed for good: the event goes to DEAD_LETTER now.
+    Rejected { reason: String },
+    /// Not attempted (destination unreachable or its circuit open): the attempt counted
+    /// at claim is given back, since a destination's outage is not the event's fault.
+    Deferred {
+        reason: String,
+        not_before: Duration,
+    },
+}

@@ -1,0 +1,25 @@
+//! outboxd: delivers events committed to a PostgreSQL `outbox` table to RabbitMQ, at
+//! least once, within milliseconds, and never loses one.
+//!
+//! Producers call [`enqueue`] / [`enqueue_many`] inside their own transaction (or INSERT
+//! into `outbox` from any language); an outboxd instance ([`Outboxd`]) does the rest.
+
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod listener;
+pub mod maintenance;
+pub mod metrics;
+pub mod notification;
+pub mod producer;
+pub mod relay;
+pub mod retry;
+pub mod service;
+pub mod sink;
+pub mod store;
+pub mod tls;
+
+pub use config::Config;
+pub use event::{Event, Outcome};
+pub use producer::{NewEvent, enqueue, enqueue_many};
+pub use service::Outboxd;

@@ -1,0 +1,111 @@
+//! Background upkeep: the reaper (expired leases back to PENDING, every `lease / 2`,
+//! invariant 7) and the partition keeper (daily partitions days ahead, DEFAULT watched).
+
+use crate::listener::Wake;
+use crate::metrics::Metrics;
+use crate::store::partitions::PartitionReport;
+use crate::store::{Reaped, Store, StoreError};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior, interval_at};
+use tokio_util::sync::CancellationToken;
+
+/// Returns events whose worker died (lease expired) to PENDING and hands their ids to
+/// the relay, so they are claimed at once rather than at the next sweep.
+pub struct Reaper {
+    store: Store,
+    every: Duration,
+    default_max_attempts: i32,
+    wakes: mpsc::UnboundedSender<Wake>,
+    metrics: Metrics,
+}
+
+impl Reaper {
+    pub fn new(
+        store: Store,
+        lease: Duration,
+        default_max_attempts: i32,
+        wakes: mpsc::UnboundedSender<Wake>,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            store,
+            every: lease / 2,
+            default_max_attempts,
+            wakes,
+            metrics,
+        }
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut tick = interval_at(Instant::now() + self.every, self.every);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(error) = self.run_once().await {
+                        tracing::error!(%error, "reap failed; trying again next round");
+                    }
+                }
+            }
+        }
+    }
+
+    pub async fn run_once(&self) -> Result<Reaped, StoreError> {
+        let reaped = self.store.reap(self.default_max_attempts).await?;
+        let total = reaped.returned.len() + reaped.buried.len();
+        if total > 0 {
+            self.metrics.reaped.inc_by(total as u64);
+            tracing::warn!(
+                returned = reaped.returned.len(),
+                buried = reaped.buried.len(),
+                "reaped events whose lease expired (a worker crashed or stalled)"
+            );
+        }
+        if !reaped.returned.is_empty() {
+            let _ = self.wakes.send(Wake::Ids(reaped.returned.clone()));
+        }
+        Ok(reaped)
+    }
+}
+
+/// Keeps daily partitions created `days_ahead` and reports rows in DEFAULT.
+pub struct PartitionKeeper {
+    store: Store,
+    days_ahead: u32,
+    every: Duration,
+    metrics: Metrics,
+}
+
+impl PartitionKeeper {
+    pub fn new(store: Store, days_ahead: u32, every: Duration, metrics: Metrics) -> Self {
+        Self {
+            store,
+            days_ahead,
+            every,
+            metrics,
+        }
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut tick = interval_at(Instant::now() + self.every, self.every);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(error) = self.run_once().await {
+                        tracing::error!(%error, "partition upkeep failed; trying again next round");
+                    }
+                }
+            }
+        }
+    }
+
+    pub async fn run_once(&self) -> Result<PartitionReport, StoreError> {
+        let report = self.store.ensure_partitions(self.days_ahead).await?;
+        self.metrics.default_partition_rows.set(report.default_rows);
+        Ok(report)
+    }
+}

@@ -1,0 +1,174 @@
+//! Prometheus metrics of one outboxd instance (names from design.md section 4). Counters
+//! and the latency histogram are per instance; gauges computed from the database are true
+//! across instances.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Which sweep found an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweepKind {
+    /// After the listener (re)connected: events committed while nobody listened.
+    Reconnect,
+    /// The low-frequency safety net: events no notification delivered.
+    Safety,
+}
+
+impl SweepKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            SweepKind::Reconnect => "reconnect",
+            SweepKind::Safety => "safety",
+        }
+    }
+}
+
+/// Every metric of the instance, registered in its own registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub published: IntCounterVec,
+    pub delivery_failures: IntCounterVec,
+    pub reaped: IntCounter,
+    pub delivery_latency: Histogram,
+    pub listener_connected: IntGauge,
+    pub notifications: IntCounter,
+    pub malformed_notifications: IntCounter,
+    pub fenced_outcomes: IntCounter,
+    pub sweep_recovered: IntCounterVec,
+    pub default_partition_rows: IntGauge,
+    pub destination_circuit_open: IntGaugeVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let published = IntCounterVec::new(
+            Opts::new(
+                "outbox_events_published_total",
+                "Events acknowledged by a destination (broker confirm ack or HTTP 2xx).",
+            ),
+            &["destination"],
+        )
+        .expect("metric");
+        let delivery_failures = IntCounterVec::new(
+            Opts::new(
+                "outbox_delivery_failures_total",
+                "Failed deliveries by destination and kind (retry, rejected, deferred).",
+            ),
+            &["destination", "kind"],
+        )
+        .expect("metric");
+        let reaped = IntCounter::new(
+            "outbox_events_reaped_total",
+            "Events whose lease expired (worker crashed or stalled) returned by the reaper.",
+        )
+        .expect("metric");
+        let delivery_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "outbox_delivery_latency_seconds",
+                "From insert (created_at) to the last destination's acknowledgement.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0, 300.0, 900.0, 3600.0,
+            ]),
+        )
+        .expect("metric");
+        let listener_connected = IntGauge::new(
+            "outbox_listener_connected",
+            "1 while the LISTEN connection is up, 0 while it reconnects.",
+        )
+        .expect("metric");
+        let notifications = IntCounter::new(
+            "outbox_notifications_total",
+            "Notifications received on channel outbox_events.",
+        )
+        .expect("metric");
+        let malformed_notifications = IntCounter::new(
+            "outbox_notifications_malformed_total",
+            "Notifications whose payload could not be parsed (answered with a sweep).",
+        )
+        .expect("metric");
+        let fenced_outcomes = IntCounter::new(
+            "outbox_fenced_outcomes_total",
+            "Outcomes refused because the event's lease had moved on to another owner.",
+        )
+        .expect("metric");
+        let sweep_recovered = IntCounterVec::new(
+            Opts::new(
+                "outbox_sweep_recovered_total",
+                "Events claimed by a sweep rather than by a notification.",
+            ),
+            &["sweep"],
+        )
+        .expect("metric");
+        let default_partition_rows = IntGauge::new(
+            "outbox_default_partition_rows",
+            "Rows in the DEFAULT partition (should be 0: a daily partition is missing).",
+        )
+        .expect("metric");
+        let destination_circuit_open = IntGaugeVec::new(
+            Opts::new(
+                "outbox_destination_circuit_open",
+                "1 while a destination is unreachable and its events are deferred.",
+            ),
+            &["destination"],
+        )
+        .expect("metric");
+        for collector in [
+            Box::new(published.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(delivery_failures.clone()),
+            Box::new(reaped.clone()),
+            Box::new(delivery_latency.clone()),
+            Box::new(listener_connected.clone()),
+            Box::new(notifications.clone()),
+            Box::new(malformed_notifications.clone()),
+            Box::new(fenced_outcomes.clone()),
+            Box::new(sweep_recovered.clone()),
+            Box::new(default_partition_rows.clone()),
+            Box::new(destination_circuit_open.clone()),
+        ] {
+            registry.register(collector).expect("unique metric names");
+        }
+        for kind in [SweepKind::Reconnect, SweepKind::Safety] {
+            sweep_recovered.with_label_values(&[kind.label()]);
+        }
+        Self {
+            registry,
+            published,
+            delivery_failures,
+            reaped,
+            delivery_latency,
+            listener_connected,
+            notifications,
+            malformed_notifications,
+            fenced_outcomes,
+            sweep_recovered,
+            default_partition_rows,
+            destination_circuit_open,
+        }
+    }
+
+    /// Events recovered by `kind` of sweep so far.
+    pub fn recovered(&self, kind: SweepKind) -> u64 {
+        self.sweep_recovered
+            .with_label_values(&[kind.label()])
+            .get()
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
+    }
+}

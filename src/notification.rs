@@ -1,0 +1,93 @@
+//! The NOTIFY payload on channel `outbox_events`: the ids of one INSERT statement as
+//! ranges (`"17-5016"`, `"17,19-21"`), or empty for "sweep: too many ids to list".
+//! Anyone may NOTIFY this channel, so a payload is parsed defensively: a malformed one is
+//! reported and answered with a sweep, never a crash.
+
+/// What a notification asks the relay to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notified {
+    /// Claim these ids.
+    Ids(Vec<i64>),
+    /// Claim every due PENDING event (the ids did not fit in a payload).
+    Sweep,
+}
+
+/// A payload listing more ids than this is answered with a sweep instead.
+pub const MAX_IDS_PER_NOTIFICATION: u64 = 100_000;
+
+/// Parses a payload. `Err` carries a description of what is wrong with it.
+pub fn parse_payload(payload: &str) -> Result<Notified, String> {
+    let payload = payload.trim();
+    if payload.is_empty() {
+        return Ok(Notified::Sweep);
+    }
+    let mut ids = Vec::new();
+    let mut total: u64 = 0;
+    for part in payload.split(',') {
+        let (lo, hi) = match part.split_once('-') {
+            Some((lo, hi)) => (parse_id(lo, payload)?, parse_id(hi, payload)?),
+            None => {
+                let id = parse_id(part, payload)?;
+                (id, id)
+            }
+        };
+        if hi < lo {
+            return Err(format!(
+                "range {part:?} runs backwards in payload {payload:?}"
+            ));
+        }
+        total += (hi - lo) as u64 + 1;
+        if total > MAX_IDS_PER_NOTIFICATION {
+            return Ok(Notified::Sweep);
+        }
+        ids.extend(lo..=hi);
+    }
+    Ok(Notified::Ids(ids))
+}
+
+fn parse_id(text: &str, payload: &str) -> Result<i64, String> {
+    text.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|id| *id >= 0)
+        .ok_or_else(|| format!("{text:?} is not an event id in payload {payload:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_parse_into_ids() {
+        let cases: &[(&str, Notified)] = &[
+            ("", Notified::Sweep),
+            ("7", Notified::Ids(vec![7])),
+            ("1-3", Notified::Ids(vec![1, 2, 3])),
+            ("17,19-21", Notified::Ids(vec![17, 19, 20, 21])),
+            ("5,5", Notified::Ids(vec![5, 5])),
+            ("0-100000000", Notified::Sweep),
+        ];
+        for (payload, expected) in cases {
+            assert_eq!(&parse_payload(payload).unwrap(), expected, "{payload:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_payloads_are_errors_not_panics() {
+        for payload in [
+            "abc",
+            "1-",
+            "-1",
+            "3-1",
+            "1,,2",
+            "9223372036854775808",
+            "1;2",
+            "{\"id\":1}",
+        ] {
+            assert!(
+                parse_payload(payload).is_err(),
+                "{payload:?} should be refused"
+            );
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! Retry policy: how long an event waits after a failed attempt. A pure function of the
+//! attempt count and a jitter value passed in, so the persisted schedule can be tested
+//! without a clock or a random source.
+
+use std::time::Duration;
+
+/// Exponential backoff with "equal jitter": attempt `n` (1-based, as counted at claim)
+/// waits between half and all of `base * 2^(n-1)`, capped at `max`. The ranges of
+/// consecutive attempts touch but do not overlap, so delays never shrink as attempts grow,
+/// while the random half spreads out events that failed together. At the cap the delay
+/// is `max`.
+/// `jitter` is in `[0, 1)`.
+pub fn backoff_delay(attempts: i32, base: Duration, max: Duration, jitter: f64) -> Duration {
+    let exponent = attempts.clamp(1, 64) - 1;
+    let full = base.as_secs_f64() * 2f64.powi(exponent);
+    let jitter = jitter.clamp(0.0, 1.0);
+    // Capped after the jitter, so the last uncapped delays stay below the capped ones.
+    Duration::from_secs_f64((full / 2.0 + full / 2.0 * jitter).min(max.as_secs_f64()))
+}
+
+/// The delay before the next attempt: the backoff, or a destination's own earliest time
+/// (e.g. a `Retry-After`) when that is later, never more than `max`.
+pub fn next_attempt_delay(
+    backoff: Duration,
+    not_before: Option<Duration>,
+    max: Duration,
+) -> Duration {
+    backoff.max(not_before.unwrap_or_default()).min(max)
+}
+
+/// A jitter value from the thread's random source.
+pub fn random_jitter() -> f64 {
+    rand::random::<f64>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn delays_double_and_stay_within_jitter_bounds() {
+        let cases = [
+            (1, 0.5, 1.0),
+            (2, 1.0, 2.0),
+            (3, 2.0, 4.0),
+            (4, 4.0, 8.0),
+            (9, 128.0, 256.0),
+        ];
+        for (attempts, low, high) in cases {
+            assert_eq!(
+                backoff_delay(attempts, BASE, MAX, 0.0).as_secs_f64(),
+                low,
+                "attempt {attempts}"
+            );
+            let top = backoff_delay(attempts, BASE, MAX, 0.999_999).as_secs_f64();
+            assert!(top < high && top > high * 0.99, "attempt {attempts}: {top}");
+        }
+    }
+
+    #[test]
+    fn delays_never_shrink_whatever_the_jitter() {
+        for attempts in 1..30 {
+            let worst_next = backoff_delay(attempts + 1, BASE, MAX, 0.0);
+            let best_this = backoff_delay(attempts, BASE, MAX, 0.999_999);
+            assert!(worst_next >= best_this, "attempt {attempts}");
+        }
+    }
+
+    #[test]
+    fn delays_are_capped() {
+        assert_eq!(backoff_delay(50, BASE, MAX, 0.0), MAX);
+        assert!(backoff_delay(1000, BASE, MAX, 0.999) <= MAX);
+        assert!(backoff_delay(i32::MAX, BASE, MAX, 1.0) <= MAX);
+        assert_eq!(backoff_delay(0, BASE, MAX, 0.0), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_destinations_earliest_time_wins_up_to_the_cap() {
+        let b = Duration::from_secs(1);
+        assert_eq!(next_attempt_delay(b, None, MAX), b);
+        assert_eq!(
+            next_attempt_delay(b, Some(Duration::from_secs(2)), MAX),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            next_attempt_delay(b, Some(Duration::from_secs(900)), MAX),
+            MAX
+        );
+    }
+}

@@ -1,0 +1,115 @@
+//! Wires one outboxd instance: store, RabbitMQ destination, listener, relay, reaper and
+//! partition keeper, all ended by one cancellation token.
+
+use crate::config::Config;
+use crate::listener::Listener;
+use crate::maintenance::{PartitionKeeper, Reaper};
+use crate::metrics::Metrics;
+use crate::relay::Relay;
+use crate::sink::Sink;
+use crate::sink::rabbitmq::RabbitMqSink;
+use crate::store::{Store, StoreError};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Why an instance could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("invalid RabbitMQ destination: {0}")]
+    Destination(String),
+}
+
+/// A running instance.
+pub struct Outboxd {
+    metrics: Metrics,
+    store: Store,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Outboxd {
+    /// Connects, checks the schema, brings partitions up to date and starts every loop.
+    pub async fn start(config: Config) -> Result<Outboxd, StartError> {
+        let metrics = Metrics::new();
+        let store = Store::connect(&config).await?;
+        let keeper = PartitionKeeper::new(
+            store.clone(),
+            config.partitions.days_ahead,
+            config.partitions.check_interval,
+            metrics.clone(),
+        );
+        if let Err(error) = keeper.run_once().await {
+            tracing::error!(%error, "partition upkeep failed at start; producers' rows go to outbox_default meanwhile");
+        }
+        let rabbitmq = RabbitMqSink::new(config.rabbitmq.clone(), metrics.clone())
+            .map_err(StartError::Destination)?;
+        if let Err(error) = rabbitmq.check().await {
+            tracing::error!(%error, "RabbitMQ is not reachable at start; events wait in PENDING until it is");
+        }
+        let destinations: Vec<Arc<dyn Sink>> = vec![Arc::new(rabbitmq)];
+
+        let shutdown = CancellationToken::new();
+        let (wakes_tx, wakes_rx) = mpsc::unbounded_channel();
+        let mut tasks = JoinSet::new();
+        let relay = Relay::new(
+            store.clone(),
+            destinations,
+            config.relay.clone(),
+            config.retry.clone(),
+            metrics.clone(),
+            wakes_rx,
+        );
+        tasks.spawn(relay.run(shutdown.clone()));
+        let reaper = Reaper::new(
+            store.clone(),
+            config.relay.lease,
+            config.retry.max_attempts,
+            wakes_tx.clone(),
+            metrics.clone(),
+        );
+        tasks.spawn(reaper.run(shutdown.clone()));
+        tasks.spawn(keeper.run(shutdown.clone()));
+        let listener = Listener::new(&config, wakes_tx, metrics.clone());
+        tasks.spawn(listener.run(shutdown.clone()));
+        Ok(Outboxd {
+            metrics,
+            store,
+            shutdown,
+            tasks,
+        })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// A token that stops this instance when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops claiming, lets in-flight deliveries finish (within `relay.shutdown_grace`),
+    /// releases what is left and returns when every loop has ended.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while let Some(result) = self.tasks.join_next().await {
+            if let Err(error) = result {
+                tracing::error!(%error, "a background loop failed");
+            }
+        }
+    }
+
+    /// Runs until the shutdown token is cancelled, then stops as [`Outboxd::stop`].
+    pub async fn wait(self) {
+        self.shutdown.cancelled().await;
+        self.stop().await;
+    }
+}

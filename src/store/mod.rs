@@ -1,0 +1,499 @@
+//! The only place outboxd runs SQL. One named statement a file under `sql/`; each verb
+//! (claim, complete, schedule_retry, bury, reap, extend_lease) is one round trip for a
+//! whole batch. Every outcome is fenced by the claim's `lock_token` (invariant 3): a
+//! worker whose lease was reaped changes nothing.
+//!
+//! Lease and due times use the database clock (`now()`), the one clock that every
+//! instance, on whatever host, agrees on.
+
+pub mod migrate;
+pub mod partitions;
+
+use crate::config::{Config, redact};
+use crate::event::{Claim, Event};
+use crate::tls::parse_url;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use std::time::{Duration, SystemTime};
+use uuid::Uuid;
+
+const CLAIM_IDS: &str = include_str!("../../sql/claim_ids.sql");
+const CLAIM_DUE: &str = include_str!("../../sql/claim_due.sql");
+const COMPLETE: &str = include_str!("../../sql/complete.sql");
+const SCHEDULE_RETRY: &str = include_str!("../../sql/schedule_retry.sql");
+const BURY: &str = include_str!("../../sql/bury.sql");
+const EXTEND_LEASE: &str = include_str!("../../sql/extend_lease.sql");
+const RELEASE: &str = include_str!("../../sql/release.sql");
+const REAP: &str = include_str!("../../sql/reap.sql");
+const STATUS: &str = include_str!("../../sql/status.sql");
+const DEFAULT_PARTITION_ROWS: &str = include_str!("../../sql/default_partition_rows.sql");
+
+/// A database problem, worded for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid database URL {url}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error(
+        "cannot connect to PostgreSQL at {target}: {reason}; check that it is running and that DATABASE_URL (or database.url) is right"
+    )]
+    Unreachable { target: String, reason: String },
+    #[error(
+        "the outbox table does not exist in database {database:?}: run `outboxd migrate` first"
+    )]
+    SchemaMissing { database: String },
+    #[error("{statement} failed: {source}")]
+    Query {
+        statement: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("no database connection available: {0}")]
+    Pool(String),
+}
+
+impl StoreError {
+    fn query(statement: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+        move |source| StoreError::Query { statement, source }
+    }
+}
+
+/// Describes the database a URL points at, without its password.
+pub fn describe_target(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "?".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!(
+        "{host}:{port} (database {:?}, user {:?})",
+        config.get_dbname().unwrap_or(""),
+        config.get_user().unwrap_or("")
+    )
+}
+
+/// Opens a single connection (not pooled) and drives it on a task. For migrations and
+/// one-off commands; the listener has its own connection code.
+pub async fn connect_once(
+    url: &str,
+    connect_timeout: Duration,
+    application_name: &str,
+) -> Result<tokio_postgres::Client, StoreError> {
+    let target = parse_url(url).map_err(|reason| StoreError::BadUrl {
+        url: redact(url),
+        reason,
+    })?;
+    let mut pg = target.config.clone();
+    pg.connect_timeout(connect_timeout);
+    if pg.get_application_name().is_none() {
+        pg.application_name(application_name);
+    }
+    let tls = target.connector().map_err(|reason| StoreError::BadUrl {
+        url: redact(url),
+        reason,
+    })?;
+    let (client, connection) = pg.connect(tls).await.map_err(|e| StoreError::Unreachable {
+        target: describe_target(&pg),
+        reason: error_text(&e),
+    })?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// The full text of a driver error, including the server's message and hint.
+pub fn error_text(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        let mut text = format!("{} ({})", db.message(), db.code().code());
+        if let Some(hint) = db.hint() {
+            text.push_str("; hint: ");
+            text.push_str(hint);
+        }
+        return text;
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+/// An event whose delivery failed and will be tried again.
+#[derive(Debug, Clone)]
+pub struct RetryItem {
+    pub id: i64,
+    pub created_at: SystemTime,
+    pub delay: Duration,
+    pub last_error: String,
+    /// Deferred (not attempted): give back the attempt counted at claim.
+    pub give_back_attempt: bool,
+    /// Destinations that acknowledged in this attempt.
+    pub acked: Vec<String>,
+}
+
+/// An event that goes to DEAD_LETTER.
+#[derive(Debug, Clone)]
+pub struct BuryItem {
+    pub id: i64,
+    pub created_at: SystemTime,
+    pub last_error: String,
+    pub acked: Vec<String>,
+}
+
+/// An event that every destination acknowledged.
+#[derive(Debug, Clone)]
+pub struct CompleteItem {
+    pub id: i64,
+    pub created_at: SystemTime,
+    pub acked: Vec<String>,
+}
+
+/// What the reaper did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reaped {
+    /// Back to PENDING, ready to claim.
+    pub returned: Vec<i64>,
+    /// Out of attempts: DEAD_LETTER.
+    pub buried: Vec<i64>,
+}
+
+/// One line of `outboxd status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusRow {
+    pub status: String,
+    pub events: i64,
+    pub oldest_age_seconds: Option<f64>,
+}
+
+/// Access to the outbox table through a connection pool.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl Store {
+    /// Builds the pool, checks that the database answers and that the schema is there.
+    pub async fn connect(config: &Config) -> Result<Store, StoreError> {
+        let url = &config.database.url;
+        let target = parse_url(url).map_err(|reason| StoreError::BadUrl {
+            url: redact(url),
+            reason,
+        })?;
+        let mut pg = target.config.clone();
+        pg.connect_timeout(config.database.connect_timeout);
+        if pg.get_application_name().is_none() {
+            pg.application_name("outboxd");
+        }
+        pg.keepalives(true)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3);
+        let tls = target.connector().map_err(|reason| StoreError::BadUrl {
+            url: redact(url),
+            reason,
+        })?;
+        let described = describe_target(&pg);
+        let manager = Manager::from_config(
+            pg,
+            tls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.database.pool_size)
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(config.database.connect_timeout))
+            .wait_timeout(Some(config.database.connect_timeout * 2))
+            .build()
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        let store = Store { pool };
+        let client = store
+            .pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Unreachable {
+                target: described.clone(),
+                reason: pool_error_text(&e),
+            })?;
+        let exists: bool = client
+            .query_one("SELECT to_regclass('outbox') IS NOT NULL", &[])
+            .await
+            .map_err(StoreError::query("schema check"))?
+            .get(0);
+        if !exists {
+            let database: String = client
+                .query_one("SELECT current_database()", &[])
+                .await
+                .map_err(StoreError::query("schema check"))?
+                .get(0);
+            return Err(StoreError::SchemaMissing { database });
+        }
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Pool(pool_error_text(&e)))
+    }
+
+    /// claim: lease the given ids if they are still due PENDING (the push path).
+    pub async fn claim_ids(&self, ids: &[i64], lease: Duration) -> Result<Claim, StoreError> {
+        let token = Uuid::new_v4();
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(CLAIM_IDS)
+            .await
+            .map_err(StoreError::query("claim_ids"))?;
+        let rows = client
+            .query(
+                &statement,
+                &[&ids, &lease.as_secs_f64(), &token, &(ids.len() as i64)],
+            )
+            .await
+            .map_err(StoreError::query("claim_ids"))?;
+        Ok(Claim {
+            lock_token: token,
+            events: rows.iter().map(event_from_row).collect(),
+        })
+    }
+
+    /// claim: lease up to `limit` due PENDING events due for at least `grace` (sweeps).
+    pub async fn claim_due(
+        &self,
+        limit: usize,
+        grace: Duration,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let token = Uuid::new_v4();
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(CLAIM_DUE)
+            .await
+            .map_err(StoreError::query("claim_due"))?;
+        let rows = client
+            .query(
+                &statement,
+                &[
+                    &(limit as i64),
+                    &grace.as_secs_f64(),
+                    &lease.as_secs_f64(),
+                    &token,
+                ],
+            )
+            .await
+            .map_err(StoreError::query("claim_due"))?;
+        Ok(Claim {
+            lock_token: token,
+            events: rows.iter().map(event_from_row).collect(),
+        })
+    }
+
+    /// complete: PUBLISHED. Returns the ids actually completed (fewer when fenced).
+    pub async fn complete(
+        &self,
+        lock_token: Uuid,
+        items: &[CompleteItem],
+    ) -> Result<Vec<i64>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = items.iter().map(|i| i.id).collect();
+        let created: Vec<SystemTime> = items.iter().map(|i| i.created_at).collect();
+        let acked: Vec<String> = items.iter().map(|i| i.acked.join(",")).collect();
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(COMPLETE)
+            .await
+            .map_err(StoreError::query("complete"))?;
+        let rows = client
+            .query(&statement, &[&lock_token, &ids, &created, &acked])
+            .await
+            .map_err(StoreError::query("complete"))?;
+        Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
+    }
+
+    /// schedule_retry: back to PENDING after each item's delay. Returns the ids rescheduled.
+    pub async fn schedule_retry(
+        &self,
+        lock_token: Uuid,
+        items: &[RetryItem],
+    ) -> Result<Vec<i64>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = items.iter().map(|i| i.id).collect();
+        let created: Vec<SystemTime> = items.iter().map(|i| i.created_at).collect();
+        let delays: Vec<f64> = items.iter().map(|i| i.delay.as_secs_f64()).collect();
+        let errors: Vec<&str> = items.iter().map(|i| i.last_error.as_str()).collect();
+        let give_back: Vec<bool> = items.iter().map(|i| i.give_back_attempt).collect();
+        let acked: Vec<String> = items.iter().map(|i| i.acked.join(",")).collect();
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(SCHEDULE_RETRY)
+            .await
+            .map_err(StoreError::query("schedule_retry"))?;
+        let rows = client
+            .query(
+                &statement,
+                &[
+                    &lock_token,
+                    &ids,
+                    &created,
+                    &delays,
+                    &errors,
+                    &give_back,
+                    &acked,
+                ],
+            )
+            .await
+            .map_err(StoreError::query("schedule_retry"))?;
+        Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
+    }
+
+    /// bury: to DEAD_LETTER with the reason. Returns the ids buried.
+    pub async fn bury(&self, lock_token: Uuid, items: &[BuryItem]) -> Result<Vec<i64>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = items.iter().map(|i| i.id).collect();
+        let created: Vec<SystemTime> = items.iter().map(|i| i.created_at).collect();
+        let errors: Vec<&str> = items.iter().map(|i| i.last_error.as_str()).collect();
+        let acked: Vec<String> = items.iter().map(|i| i.acked.join(",")).collect();
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(BURY)
+            .await
+            .map_err(StoreError::query("bury"))?;
+        let rows = client
+            .query(&statement, &[&lock_token, &ids, &created, &errors, &acked])
+            .await
+            .map_err(StoreError::query("bury"))?;
+        Ok(rows.iter().map(|r| r.get::<_, i64>(0)).collect())
+    }
+
+    /// extend_lease: heartbeat. Returns how many events this claim still owns.
+    pub async fn extend_lease(
+        &self,
+        lock_token: Uuid,
+        events: &[Event],
+        lease: Duration,
+    ) -> Result<usize, StoreError> {
+        let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+        let created: Vec<SystemTime> = events.iter().map(|e| e.created_at).collect();
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(EXTEND_LEASE)
+            .await
+            .map_err(StoreError::query("extend_lease"))?;
+        let rows = client
+            .query(
+                &statement,
+                &[&lock_token, &ids, &created, &lease.as_secs_f64()],
+            )
+            .await
+            .map_err(StoreError::query("extend_lease"))?;
+        Ok(rows.len())
+    }
+
+    /// release: hand back unfinished claims on shutdown. Returns how many events.
+    pub async fn release(&self, lock_tokens: &[Uuid]) -> Result<usize, StoreError> {
+        if lock_tokens.is_empty() {
+            return Ok(0);
+        }
+        let client = self.client().await?;
+        let rows = client
+            .query(RELEASE, &[&lock_tokens])
+            .await
+            .map_err(StoreError::query("release"))?;
+        Ok(rows.len())
+    }
+
+    /// reap: expired leases back to PENDING (or DEAD_LETTER when out of attempts).
+    pub async fn reap(&self, default_max_attempts: i32) -> Result<Reaped, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(REAP)
+            .await
+            .map_err(StoreError::query("reap"))?;
+        let rows = client
+            .query(&statement, &[&default_max_attempts])
+            .await
+            .map_err(StoreError::query("reap"))?;
+        let mut reaped = Reaped::default();
+        for row in rows {
+            let id: i64 = row.get(0);
+            let status: &str = row.get(1);
+            if status == "PENDING" {
+                reaped.returned.push(id);
+            } else {
+                reaped.buried.push(id);
+            }
+        }
+        Ok(reaped)
+    }
+
+    /// Counts per status and the oldest event's age per status.
+    pub async fn status(&self) -> Result<Vec<StatusRow>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(STATUS, &[])
+            .await
+            .map_err(StoreError::query("status"))?;
+        Ok(rows
+            .iter()
+            .map(|r| StatusRow {
+                status: r.get(0),
+                events: r.get(1),
+                oldest_age_seconds: r.get(2),
+            })
+            .collect())
+    }
+
+    /// Rows in the DEFAULT partition (capped at 100,000).
+    pub async fn default_partition_rows(&self) -> Result<i64, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(DEFAULT_PARTITION_ROWS, &[])
+            .await
+            .map_err(StoreError::query("default_partition_rows"))?;
+        Ok(row.get(0))
+    }
+
+    /// A pooled connection, for partition maintenance.
+    pub(crate) async fn pooled(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.client().await
+    }
+}
+
+fn pool_error_text(error: &deadpool_postgres::PoolError) -> String {
+    match error {
+        deadpool_postgres::PoolError::Backend(e) => error_text(e),
+        other => other.to_string(),
+    }
+}
+
+fn event_from_row(row: &tokio_postgres::Row) -> Event {
+    let metadata: String = row.get(7);
+    Event {
+        id: row.get(0),
+        created_at: row.get(1),
+        tracking_id: row.get(2),
+        aggregate_type: row.get(3),
+        aggregate_id: row.get(4),
+        event_type: row.get(5),
+        payload: row.get(6),
+        metadata: serde_json::from_str(&metadata).unwrap_or(serde_json::Value::Null),
+        attempts: row.get(8),
+        max_attempts: row.get(9),
+        delivered_to: row.get(10),
+    }
+}
