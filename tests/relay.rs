@@ -1,0 +1,592 @@
+//! The core guarantees, end to end against the real PostgreSQL and RabbitMQ: committed
+//! events are delivered (confirmed) and never lost, rolled-back ones never; the push path
+//! alone delivers; the reconnect sweep covers what was committed while nobody listened;
+//! crashed workers' events come back; failures retry and then dead-letter; several
+//! instances share the work without duplicates.
+
+mod support;
+
+use outboxd::metrics::SweepKind;
+use outboxd::store::{BuryItem, CompleteItem, RetryItem};
+use outboxd::{NewEvent, Outboxd, enqueue, enqueue_many};
+use serde_json::json;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant, SystemTime};
+use support::{TestBroker, TestDb, config, store};
+use uuid::Uuid;
+
+async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
+async fn started(config: outboxd::Config) -> Outboxd {
+    let service = Outboxd::start(config).await.unwrap();
+    let metrics = service.metrics().clone();
+    assert!(
+        wait_until(Duration::from_secs(10), || metrics.listener_connected.get()
+            == 1)
+        .await,
+        "listener did not connect"
+    );
+    service
+}
+
+fn order_event(i: usize) -> NewEvent {
+    NewEvent::new(
+        "order",
+        i.to_string(),
+        "order.created",
+        json!({ "order": i, "total": 12.5 }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_event_is_consumed_once_and_rolled_back_event_never() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let service = started(config(&db, &broker)).await;
+    let mut producer = db.client().await;
+
+    let tx = producer.transaction().await.unwrap();
+    let event = order_event(1).with_metadata(json!({
+        "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    }));
+    let tracking_id = enqueue(&tx, &event).await.unwrap();
+    tx.commit().await.unwrap();
+    let committed_at = SystemTime::now();
+
+    let tx = producer.transaction().await.unwrap();
+    let rolled_back = enqueue(&tx, &order_event(2)).await.unwrap();
+    tx.rollback().await.unwrap();
+
+    let received = broker.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(received.len(), 1, "the committed event arrives");
+    let latency = received[0]
+        .received_at
+        .duration_since(committed_at)
+        .unwrap_or_default();
+    println!(
+        "commit-to-consume latency: {:.2} ms",
+        latency.as_secs_f64() * 1000.0
+    );
+
+    // Give a duplicate or the rolled-back event every chance to show up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received = broker.received();
+    assert_eq!(received.len(), 1, "consumed exactly once");
+    let message = &received[0];
+    assert_eq!(message.message_id, tracking_id.to_string());
+    assert_ne!(message.message_id, rolled_back.to_string());
+    assert_eq!(message.event_type, "order.created");
+    assert_eq!(message.routing_key, "order.created");
+    let body: serde_json::Value = serde_json::from_slice(&message.body).unwrap();
+    assert_eq!(body, json!({ "order": 1, "total": 12.5 }));
+    let header = |name: &str| {
+        message
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(header("aggregate_id"), "1", "{:?}", message.headers);
+    assert_eq!(header("aggregate_type"), "order");
+    assert_eq!(
+        header("traceparent"),
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
+
+    let statuses = db.statuses().await;
+    assert_eq!(statuses.len(), 1, "the rolled-back row does not exist");
+    assert_eq!(statuses[&tracking_id], "PUBLISHED");
+    let delivered_to: Vec<String> = producer
+        .query_one(
+            "SELECT delivered_to FROM outbox WHERE tracking_id = $1",
+            &[&tracking_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(delivered_to, vec!["rabbitmq".to_string()]);
+    assert_eq!(service.metrics().recovered(SweepKind::Safety), 0);
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_events_from_eight_producers_all_arrive_by_push_alone() {
+    const PER_PRODUCER: usize = 1250;
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let service = started(config(&db, &broker)).await;
+
+    let started_at = Instant::now();
+    let mut producers = Vec::new();
+    for p in 0..8 {
+        let client = db.client().await;
+        producers.push(tokio::spawn(async move {
+            let mut client = client;
+            let mut ids = Vec::with_capacity(PER_PRODUCER);
+            match p % 4 {
+                // Single-row transactions.
+                0 | 1 => {
+                    for i in 0..PER_PRODUCER {
+                        ids.push(
+                            enqueue(&client, &order_event(p * PER_PRODUCER + i))
+                                .await
+                                .unwrap(),
+                        );
+                    }
+                }
+                // 100-row transactions, one multi-row INSERT each.
+                2 => {
+                    for chunk in (0..PER_PRODUCER).collect::<Vec<_>>().chunks(100) {
+                        let events: Vec<NewEvent> = chunk
+                            .iter()
+                            .map(|i| order_event(p * PER_PRODUCER + i))
+                            .collect();
+                        let tx = client.transaction().await.unwrap();
+                        ids.extend(enqueue_many(&tx, &events).await.unwrap());
+                        tx.commit().await.unwrap();
+                    }
+                }
+                // 100-row transactions, one INSERT per row.
+                _ => {
+                    for chunk in (0..PER_PRODUCER).collect::<Vec<_>>().chunks(100) {
+                        let tx = client.transaction().await.unwrap();
+                        for i in chunk {
+                            ids.push(
+                                enqueue(&tx, &order_event(p * PER_PRODUCER + i))
+                                    .await
+                                    .unwrap(),
+                            );
+                        }
+                        tx.commit().await.unwrap();
+                    }
+                }
+            }
+            ids
+        }));
+    }
+    let mut inserted = HashSet::new();
+    for producer in producers {
+        inserted.extend(producer.await.unwrap().into_iter().map(|id| id.to_string()));
+    }
+    let committed_in = started_at.elapsed();
+    assert_eq!(inserted.len(), 8 * PER_PRODUCER);
+
+    let received = broker
+        .wait_for(inserted.len(), Duration::from_secs(60))
+        .await;
+    let delivered_in = started_at.elapsed();
+    println!(
+        "{} events committed in {:.2}s, all consumed after {:.2}s: {:.0} events/s",
+        inserted.len(),
+        committed_in.as_secs_f64(),
+        delivered_in.as_secs_f64(),
+        inserted.len() as f64 / delivered_in.as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let received = {
+        let later = broker.received();
+        if later.len() > received.len() {
+            later
+        } else {
+            received
+        }
+    };
+    let consumed: HashSet<String> = received.iter().map(|m| m.message_id.clone()).collect();
+    assert_eq!(
+        consumed, inserted,
+        "the consumed set equals the inserted set"
+    );
+    assert_eq!(
+        received.len(),
+        inserted.len(),
+        "no duplicates in a fault-free run"
+    );
+    assert!(db.wait_settled(Duration::from_secs(10)).await);
+    assert_eq!(db.count("PUBLISHED").await, inserted.len() as i64);
+    assert_eq!(
+        service.metrics().recovered(SweepKind::Safety),
+        0,
+        "the push path alone delivered"
+    );
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_event_lost_when_listener_reconnects() {
+    const K: usize = 40;
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let service = started(config(&db, &broker)).await;
+    let metrics = service.metrics().clone();
+    let reconnect_before = metrics.recovered(SweepKind::Reconnect);
+    // Opened before the database refuses new connections.
+    let producer = db.client().await;
+    let admin = tokio_postgres::connect(support::ADMIN_URL, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(admin.1);
+    let admin = admin.0;
+
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS false",
+            db.name
+        ))
+        .await
+        .unwrap();
+    let killed = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = $1 AND application_name = 'outboxd-listener'",
+            &[&db.name],
+        )
+        .await
+        .unwrap();
+    assert_eq!(killed.len(), 1, "one listener backend");
+    assert!(
+        wait_until(Duration::from_secs(10), || metrics.listener_connected.get()
+            == 0)
+        .await
+    );
+
+    let mut inserted = HashSet::new();
+    for i in 0..K {
+        inserted.insert(
+            enqueue(&producer, &order_event(i))
+                .await
+                .unwrap()
+                .to_string(),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        broker.received().is_empty(),
+        "nothing is delivered while nobody listens"
+    );
+
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+            db.name
+        ))
+        .await
+        .unwrap();
+    let received = broker.wait_for(K, Duration::from_secs(20)).await;
+    let consumed: HashSet<String> = received.iter().map(|m| m.message_id.clone()).collect();
+    assert_eq!(consumed, inserted);
+    assert_eq!(metrics.listener_connected.get(), 1);
+    assert_eq!(
+        metrics.recovered(SweepKind::Reconnect) - reconnect_before,
+        K as u64
+    );
+    assert_eq!(metrics.recovered(SweepKind::Safety), 0);
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_lease_is_reaped_and_stale_token_is_fenced() {
+    const K: usize = 5;
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let mut config = config(&db, &broker);
+    config.relay.lease = Duration::from_secs(2);
+    // A worker that claims and then dies: it never completes.
+    let crashed = store(&config).await;
+    let producer = db.client().await;
+    let mut inserted = HashSet::new();
+    for i in 0..K {
+        inserted.insert(
+            enqueue(&producer, &order_event(i))
+                .await
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let stale = crashed
+        .claim_due(100, Duration::ZERO, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(stale.events.len(), K);
+
+    let service = started(config).await;
+    let received = broker.wait_for(K, Duration::from_secs(15)).await;
+    let consumed: HashSet<String> = received.iter().map(|m| m.message_id.clone()).collect();
+    assert_eq!(consumed, inserted, "the reaped events are delivered");
+    assert!(db.wait_settled(Duration::from_secs(5)).await);
+    assert_eq!(service.metrics().reaped.get(), K as u64);
+    let attempts: Vec<i32> = producer
+        .query("SELECT attempts FROM outbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        attempts.iter().all(|a| *a == 2),
+        "the crashed attempt counts: {attempts:?}"
+    );
+
+    // The dead worker wakes up: none of its outcomes may land.
+    let token = stale.lock_token;
+    let complete: Vec<CompleteItem> = stale
+        .events
+        .iter()
+        .map(|e| CompleteItem {
+            id: e.id,
+            created_at: e.created_at,
+            acked: vec!["rabbitmq".into()],
+        })
+        .collect();
+    let retry: Vec<RetryItem> = stale
+        .events
+        .iter()
+        .map(|e| RetryItem {
+            id: e.id,
+            created_at: e.created_at,
+            delay: Duration::from_secs(1),
+            last_error: "late".into(),
+            give_back_attempt: false,
+            acked: vec![],
+        })
+        .collect();
+    let bury: Vec<BuryItem> = stale
+        .events
+        .iter()
+        .map(|e| BuryItem {
+            id: e.id,
+            created_at: e.created_at,
+            last_error: "late".into(),
+            acked: vec![],
+        })
+        .collect();
+    assert!(crashed.complete(token, &complete).await.unwrap().is_empty());
+    assert!(
+        crashed
+            .schedule_retry(token, &retry)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(crashed.bury(token, &bury).await.unwrap().is_empty());
+    assert_eq!(
+        crashed
+            .extend_lease(token, &stale.events, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        db.count("PUBLISHED").await,
+        K as i64,
+        "the new owner's outcome stands"
+    );
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_event_retries_with_growing_delays_then_dead_letters() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(None).await; // no queue bound: every publish is returned
+    let mut config = config(&db, &broker);
+    config.retry.max_attempts = 3;
+    config.retry.base_delay = Duration::from_millis(400);
+    config.retry.max_delay = Duration::from_secs(10);
+    let service = started(config).await;
+    let producer = db.client().await;
+    let tracking_id = enqueue(&producer, &order_event(1)).await.unwrap();
+
+    // Watch the row: the next_attempt_at set after each failed attempt.
+    let mut scheduled: HashMap<i32, SystemTime> = HashMap::new();
+    let created_at: SystemTime;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let row = producer
+            .query_one(
+                "SELECT status, attempts, next_attempt_at, created_at, last_error FROM outbox WHERE tracking_id = $1",
+                &[&tracking_id],
+            )
+            .await
+            .unwrap();
+        let status: String = row.get(0);
+        let attempts: i32 = row.get(1);
+        if status == "PENDING" && attempts > 0 {
+            scheduled.entry(attempts).or_insert(row.get(2));
+        }
+        if status == "DEAD_LETTER" {
+            created_at = row.get(3);
+            let last_error: String = row.get(4);
+            assert_eq!(attempts, 3);
+            assert!(
+                last_error.contains("gave up after 3 attempts"),
+                "{last_error}"
+            );
+            assert!(last_error.contains("unroutable"), "{last_error}");
+            assert!(last_error.contains("bind a queue"), "{last_error}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not dead-lettered in time: {status} after {attempts}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first = scheduled[&1].duration_since(created_at).unwrap();
+    let second = scheduled[&2].duration_since(scheduled[&1]).unwrap();
+    println!("retry delays: {first:?} then {second:?}");
+    assert!(first >= Duration::from_millis(200), "{first:?}");
+    assert!(second > first, "delays grow: {first:?} then {second:?}");
+    assert_eq!(
+        service
+            .metrics()
+            .delivery_failures
+            .with_label_values(&["rabbitmq", "retry"])
+            .get(),
+        3
+    );
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_share_the_work_without_duplicates() {
+    const N: usize = 2000;
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let first = started(config(&db, &broker)).await;
+    let second = started(config(&db, &broker)).await;
+
+    let mut producers = Vec::new();
+    for p in 0..4 {
+        let mut client = db.client().await;
+        producers.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for chunk in (0..N / 4)
+                .collect::<Vec<_>>()
+                .chunks(if p % 2 == 0 { 1 } else { 50 })
+            {
+                let events: Vec<NewEvent> = chunk.iter().map(|i| order_event(p * N + i)).collect();
+                let tx = client.transaction().await.unwrap();
+                ids.extend(enqueue_many(&tx, &events).await.unwrap());
+                tx.commit().await.unwrap();
+            }
+            ids
+        }));
+    }
+    let mut inserted: HashSet<String> = HashSet::new();
+    for producer in producers {
+        inserted.extend(
+            producer
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|id: Uuid| id.to_string()),
+        );
+    }
+    broker.wait_for(N, Duration::from_secs(30)).await;
+    assert!(db.wait_settled(Duration::from_secs(10)).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let received = broker.received();
+    let consumed: HashSet<String> = received.iter().map(|m| m.message_id.clone()).collect();
+    assert_eq!(consumed, inserted);
+    assert_eq!(received.len(), N, "no tracking_id delivered twice");
+    let by_first = first
+        .metrics()
+        .published
+        .with_label_values(&["rabbitmq"])
+        .get();
+    let by_second = second
+        .metrics()
+        .published
+        .with_label_values(&["rabbitmq"])
+        .get();
+    println!("first relay published {by_first}, second {by_second}");
+    assert_eq!(by_first + by_second, N as u64);
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bulk_insert_sends_one_notification_not_one_per_row() {
+    const N: i64 = 5000;
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let service = started(config(&db, &broker)).await;
+    let producer = db.client().await;
+    let inserted = producer
+        .execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             SELECT 'order', g::text, 'order.created', jsonb_build_object('n', g)
+               FROM generate_series(1, $1::int8) AS g",
+            &[&N],
+        )
+        .await
+        .unwrap();
+    assert_eq!(inserted, N as u64);
+    let received = broker.wait_for(N as usize, Duration::from_secs(30)).await;
+    let consumed: HashSet<String> = received.iter().map(|m| m.message_id.clone()).collect();
+    assert_eq!(consumed.len(), N as usize);
+    assert!(db.wait_settled(Duration::from_secs(10)).await);
+    assert_eq!(db.count("PUBLISHED").await, N);
+    let notifications = service.metrics().notifications.get();
+    println!("{N} rows, {notifications} notification(s)");
+    assert!(
+        notifications <= 5,
+        "{notifications} notifications for one INSERT"
+    );
+    assert_eq!(service.metrics().recovered(SweepKind::Safety), 0);
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_exist_a_week_ahead_and_rows_beyond_them_are_still_delivered() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let service = started(config(&db, &broker)).await;
+    let producer = db.client().await;
+    let missing: Vec<String> = producer
+        .query(
+            "SELECT 'outbox_p' || to_char((now() AT TIME ZONE 'UTC')::date + g, 'YYYYMMDD')
+               FROM generate_series(0, 7) AS g
+             EXCEPT
+             SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+              WHERE i.inhparent = 'outbox'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(missing.is_empty(), "missing partitions: {missing:?}");
+
+    let far = producer
+        .query_one(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at)
+             VALUES ('order', '1', 'order.created', '{}', now() + interval '30 days')
+             RETURNING tracking_id, tableoid::regclass::text",
+            &[],
+        )
+        .await
+        .unwrap();
+    let tracking_id: Uuid = far.get(0);
+    let partition: String = far.get(1);
+    assert_eq!(partition, "outbox_default");
+    let received = broker.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].message_id, tracking_id.to_string());
+    assert!(db.wait_settled(Duration::from_secs(5)).await);
+    assert_eq!(db.statuses().await[&tracking_id], "PUBLISHED");
+    let report = service.store().ensure_partitions(7).await.unwrap();
+    assert_eq!(report.default_rows, 1, "rows in DEFAULT are counted");
+    assert!(report.created.is_empty());
+    service.stop().await;
+}

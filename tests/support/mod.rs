@@ -1,0 +1,338 @@
+//! Test support: each test gets a fresh PostgreSQL database (NOTIFY channels are per
+//! database), its own RabbitMQ exchange and queue, and a consumer that records what
+//! arrived. Everything is removed on drop, also when the test fails.
+#![allow(dead_code)]
+
+pub mod proxy;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use outboxd::Config;
+use outboxd::store::{Store, connect_once, migrate};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use uuid::Uuid;
+
+pub const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,lapin=error".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", &Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// A database of this test's own, migrated; dropped (with FORCE) on drop.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// A fresh, migrated database.
+    pub async fn new() -> TestDb {
+        let db = Self::empty().await;
+        let mut client = connect_once(&db.url, Duration::from_secs(5), "outboxd-test")
+            .await
+            .unwrap();
+        migrate::run(&mut client).await.unwrap();
+        db
+    }
+
+    /// A fresh database without the schema.
+    pub async fn empty() -> TestDb {
+        init_logging();
+        let name = unique("outboxd_t");
+        let admin = admin().await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        TestDb {
+            url: format!("postgres://postgres@127.0.0.1:5432/{name}?sslmode=disable"),
+            name,
+        }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect_once(&self.url, Duration::from_secs(5), "outboxd-test-producer")
+            .await
+            .unwrap()
+    }
+
+    /// The status of every row, by tracking id.
+    pub async fn statuses(&self) -> HashMap<Uuid, String> {
+        let client = self.client().await;
+        client
+            .query("SELECT tracking_id, status FROM outbox", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+
+    pub async fn count(&self, status: &str) -> i64 {
+        let client = self.client().await;
+        client
+            .query_one("SELECT count(*) FROM outbox WHERE status = $1", &[&status])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Waits until no row is PENDING or PROCESSING (or the timeout passes).
+    pub async fn wait_settled(&self, timeout: Duration) -> bool {
+        let client = self.client().await;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let open: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM outbox WHERE status IN ('PENDING', 'PROCESSING')",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if open == 0 {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn admin() -> tokio_postgres::Client {
+    connect_once(ADMIN_URL, Duration::from_secs(5), "outboxd-test-admin")
+        .await
+        .unwrap()
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside any runtime we may block: use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let admin = admin().await;
+                let _ = admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+/// One message as the consumer saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub message_id: String,
+    pub event_type: String,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+    pub received_at: SystemTime,
+}
+
+/// An exchange and a queue of this test's own, with a consumer recording every message.
+pub struct TestBroker {
+    pub exchange: String,
+    pub queue: String,
+    received: Arc<Mutex<Vec<Received>>>,
+    _connection: Option<Connection>,
+}
+
+impl TestBroker {
+    /// Declares a topic exchange and, if `binding` is given, a queue bound with it and a
+    /// consumer on that queue.
+    pub async fn new(binding: Option<&str>) -> TestBroker {
+        init_logging();
+        let exchange = unique("outboxd_t");
+        let queue = format!("{exchange}.q");
+        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ at 127.0.0.1:5672");
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        if let Some(binding) = binding {
+            channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        auto_delete: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    binding.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            channel
+                .basic_qos(2000, BasicQosOptions::default())
+                .await
+                .unwrap();
+            let mut consumer = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    "outboxd-test".into(),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..BasicConsumeOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            let sink = Arc::clone(&received);
+            tokio::spawn(async move {
+                while let Some(Ok(delivery)) = consumer.next().await {
+                    let props = &delivery.properties;
+                    let headers = props
+                        .headers()
+                        .as_ref()
+                        .map(|h| {
+                            h.inner()
+                                .iter()
+                                .map(|(k, v)| {
+                                    let text = match v {
+                                        lapin::types::AMQPValue::LongString(s) => {
+                                            String::from_utf8_lossy(s.as_bytes()).into_owned()
+                                        }
+                                        other => format!("{other:?}"),
+                                    };
+                                    (k.to_string(), text)
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    sink.lock().unwrap().push(Received {
+                        message_id: props
+                            .message_id()
+                            .as_ref()
+                            .map(|m| m.to_string())
+                            .unwrap_or_default(),
+                        event_type: props
+                            .kind()
+                            .as_ref()
+                            .map(|m| m.to_string())
+                            .unwrap_or_default(),
+                        routing_key: delivery.routing_key.to_string(),
+                        body: delivery.data.clone(),
+                        headers,
+                        received_at: SystemTime::now(),
+                    });
+                }
+            });
+        }
+        TestBroker {
+            exchange,
+            queue,
+            received,
+            _connection: Some(connection),
+        }
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` messages arrived (or the timeout passes).
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.received();
+            if got.len() >= n || Instant::now() > deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        let exchange = self.exchange.clone();
+        let connection = self._connection.take();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                drop(connection);
+                if let Ok(conn) =
+                    Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+                    && let Ok(channel) = conn.create_channel().await
+                {
+                    let _ = channel
+                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                    let _ = conn.close(200, "bye".into()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A config for `db` and `broker` with test-friendly timings: the safety sweep is an
+/// hour away, so only the push path and the reconnect sweep deliver.
+pub fn config(db: &TestDb, broker: &TestBroker) -> Config {
+    let mut config = Config::default();
+    config.database.url = db.url.clone();
+    config.database.pool_size = 4;
+    config.rabbitmq.url = AMQP_URL.into();
+    config.rabbitmq.exchange = broker.exchange.clone();
+    config.rabbitmq.declare_exchange = false;
+    config.relay.safety_sweep_interval = Duration::from_secs(3600);
+    config.relay.shutdown_grace = Duration::from_secs(5);
+    config.listener.reconnect_max_delay = Duration::from_millis(500);
+    config.validate().unwrap();
+    config
+}
+
+/// A store on `db`, for tests that act as a (crashing) worker.
+pub async fn store(config: &Config) -> Store {
+    Store::connect(config).await.unwrap()
+}

@@ -1,0 +1,131 @@
+//! A TCP proxy in front of PostgreSQL that counts the statements its clients send
+//! (simple-query `Q` and extended-protocol `Execute` messages), so a test can measure
+//! exactly what outboxd sends, without touching the shared server's settings.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub struct CountingProxy {
+    pub addr: SocketAddr,
+    statements: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingProxy {
+    pub async fn start(upstream: SocketAddr) -> CountingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let statements = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&statements);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let counter = Arc::clone(&counter);
+                tokio::spawn(async move {
+                    if let Ok(server) = TcpStream::connect(upstream).await {
+                        pipe(client, server, counter).await;
+                    }
+                });
+            }
+        });
+        CountingProxy {
+            addr,
+            statements,
+            task,
+        }
+    }
+
+    /// Statements sent through the proxy so far.
+    pub fn statements(&self) -> u64 {
+        self.statements.load(Ordering::SeqCst)
+    }
+
+    /// A PostgreSQL URL for `database` through the proxy.
+    pub fn url(&self, database: &str) -> String {
+        format!(
+            "postgres://postgres@{}/{database}?sslmode=disable",
+            self.addr
+        )
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pipe(client: TcpStream, server: TcpStream, counter: Arc<AtomicU64>) {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let upstream = async move {
+        let mut parser = FrontendParser::default();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match client_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            parser.feed(&buf[..n], &counter);
+            if server_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = server_write.shutdown().await;
+    };
+    let downstream = async move {
+        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+        let _ = client_write.shutdown().await;
+    };
+    tokio::join!(upstream, downstream);
+}
+
+/// Walks the frontend message stream: an untyped startup packet (possibly preceded by
+/// SSL/GSS requests), then typed messages (1-byte type, 4-byte length).
+#[derive(Default)]
+struct FrontendParser {
+    startup_done: bool,
+    header: Vec<u8>,
+    skip: usize,
+}
+
+impl FrontendParser {
+    fn feed(&mut self, mut data: &[u8], counter: &AtomicU64) {
+        loop {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = &data[n..];
+            }
+            if data.is_empty() {
+                return;
+            }
+            let need = if self.startup_done { 5 } else { 8 };
+            let take = (need - self.header.len()).min(data.len());
+            self.header.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.header.len() < need {
+                return;
+            }
+            if self.startup_done {
+                let kind = self.header[0];
+                let len = u32::from_be_bytes(self.header[1..5].try_into().unwrap()) as usize;
+                if kind == b'Q' || kind == b'E' {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+                self.skip = len.saturating_sub(4);
+            } else {
+                let len = u32::from_be_bytes(self.header[0..4].try_into().unwrap()) as usize;
+                let code = u32::from_be_bytes(self.header[4..8].try_into().unwrap());
+                // 80877103 SSLRequest, 80877104 GSSENCRequest: the real startup follows.
+                if code != 80_877_103 && code != 80_877_104 {
+                    self.startup_done = true;
+                }
+                self.skip = len.saturating_sub(8);
+            }
+            self.header.clear();
+        }
+    }
+}
