@@ -1,0 +1,191 @@
+//! The binary's edges: migrations are idempotent and safe to run concurrently; bad
+//! configuration and an unreachable or unmigrated database give one clear line and a
+//! non-zero exit, never a panic.
+
+mod support;
+
+use std::process::{Command, Output};
+use support::TestDb;
+
+fn outboxd(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_outboxd"));
+    command.args(args);
+    // Start from a clean slate: no settings leak in from the caller's environment.
+    for (name, _) in std::env::vars() {
+        if name.starts_with("OUTBOXD_") || name == "DATABASE_URL" {
+            command.env_remove(name);
+        }
+    }
+    command.env("RUST_LOG", "warn");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().expect("run outboxd")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+async fn query_i64(db: &TestDb, sql: &str) -> i64 {
+    db.client().await.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_twice_is_a_no_op_and_concurrent_migrates_both_succeed() {
+    let db = TestDb::empty().await;
+    let url = db.url.clone();
+    let first = {
+        let url = url.clone();
+        std::thread::spawn(move || outboxd(&["migrate"], &[("DATABASE_URL", &url)]))
+    };
+    let second = {
+        let url = url.clone();
+        std::thread::spawn(move || outboxd(&["migrate"], &[("DATABASE_URL", &url)]))
+    };
+    for output in [first.join().unwrap(), second.join().unwrap()] {
+        assert!(
+            output.status.success(),
+            "concurrent migrate failed: {}",
+            stderr(&output)
+        );
+    }
+    let partitions_sql = "SELECT count(*) FROM pg_inherits WHERE inhparent = 'outbox'::regclass";
+    assert_eq!(
+        query_i64(&db, "SELECT count(*) FROM outboxd_schema_migrations").await,
+        1
+    );
+    assert_eq!(
+        query_i64(&db, partitions_sql).await,
+        9,
+        "DEFAULT + today + 7 days"
+    );
+
+    let objects_sql = "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace";
+    let objects = query_i64(&db, objects_sql).await;
+    let again = outboxd(&["migrate"], &[("DATABASE_URL", &url)]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(
+        query_i64(&db, objects_sql).await,
+        objects,
+        "a second migrate changes nothing"
+    );
+    assert_eq!(
+        query_i64(&db, "SELECT count(*) FROM outboxd_schema_migrations").await,
+        1
+    );
+
+    let dry = outboxd(&["migrate", "--dry-run"], &[("DATABASE_URL", &url)]);
+    assert!(dry.status.success());
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("up to date"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_prints_the_sql_and_changes_nothing() {
+    let db = TestDb::empty().await;
+    let output = outboxd(&["migrate", "--dry-run"], &[("DATABASE_URL", &db.url)]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("CREATE TABLE outbox"), "{stdout}");
+    assert_eq!(
+        query_i64(
+            &db,
+            "SELECT count(*) FROM pg_class WHERE relname = 'outbox'"
+        )
+        .await,
+        0
+    );
+}
+
+#[test]
+fn bad_config_value_fails_with_key_value_and_fix() {
+    let output = outboxd(&["run"], &[("OUTBOXD_RELAY_BATCH_SIZE", "0")]);
+    assert_eq!(output.status.code(), Some(2));
+    let text = stderr(&output);
+    assert_eq!(text.trim().lines().count(), 1, "one line: {text}");
+    assert!(
+        text.contains("relay.batch_size") && text.contains("\"0\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("OUTBOXD_RELAY_BATCH_SIZE"),
+        "names the fix: {text}"
+    );
+    assert!(!text.contains("panicked"));
+
+    let dir = std::env::temp_dir().join(format!("outboxd-cli-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("outboxd.toml");
+    std::fs::write(&path, "[relay]\nlease = \"forever\"\n").unwrap();
+    let output = outboxd(&["run", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(output.status.code(), Some(2));
+    let text = stderr(&output);
+    assert!(text.contains("lease") && text.contains("forever"), "{text}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn unreachable_database_fails_with_a_clear_line() {
+    let output = outboxd(
+        &["run"],
+        &[(
+            "DATABASE_URL",
+            "postgres://postgres:hunter2@127.0.0.1:1/app",
+        )],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let text = stderr(&output);
+    assert_eq!(text.trim().lines().count(), 1, "one line: {text}");
+    assert!(
+        text.contains("cannot connect to PostgreSQL at 127.0.0.1:1"),
+        "{text}"
+    );
+    assert!(text.contains("DATABASE_URL"), "{text}");
+    assert!(
+        !text.contains("hunter2"),
+        "the password is not shown: {text}"
+    );
+    assert!(!text.contains("panicked"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmigrated_database_says_to_run_migrate() {
+    let db = TestDb::empty().await;
+    let output = outboxd(&["run"], &[("DATABASE_URL", &db.url)]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = stderr(&output);
+    assert!(text.contains("run `outboxd migrate`"), "{text}");
+    let status = outboxd(&["status"], &[("DATABASE_URL", &db.url)]);
+    assert_eq!(status.status.code(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_counts_events_per_status() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             SELECT 'order', g::text, 'order.created', '{}' FROM generate_series(1, 3) g;
+             UPDATE outbox SET status = 'DEAD_LETTER', last_error = 'x' WHERE aggregate_id = '3';",
+        )
+        .await
+        .unwrap();
+    let output = outboxd(&["status"], &[("DATABASE_URL", &db.url)]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = |status: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(status))
+            .unwrap_or_default()
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(line("PENDING"), "2", "{stdout}");
+    assert_eq!(line("DEAD_LETTER"), "1", "{stdout}");
+    assert_eq!(line("PUBLISHED"), "0", "{stdout}");
+    assert!(stdout.contains("1 dead letter"), "{stdout}");
+}
