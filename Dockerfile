@@ -44,9 +44,9 @@ COPY --from=builder /build/target/release/outboxd /usr/local/bin/outboxd
 # Numeric so that orchestrators checking runAsNonRoot can verify it.
 USER 10001:10001
 
-# Nothing is exposed yet. The HTTP endpoint serving Prometheus metrics comes in
-# a later version, on port 9187:
-# EXPOSE 9187
+# /metrics and /healthz; outboxd listens on loopback unless OUTBOXD_HTTP_LISTEN
+# says otherwise (e.g. 0.0.0.0:9187):
+EXPOSE 9187
 
 ENTRYPOINT ["outboxd"]
 CMD ["run", "--migrate"]

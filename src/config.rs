@@ -16,6 +16,22 @@ pub struct Config {
     pub retry: RetryConfig,
     pub rabbitmq: RabbitMqConfig,
     pub partitions: PartitionsConfig,
+    pub http: HttpConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of `/metrics` and `/healthz`; empty turns the listener off.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9187".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -398,6 +414,16 @@ impl Config {
             ));
         }
         positive("partitions", "check_interval", p.check_interval)?;
+
+        let h = &self.http;
+        if !h.listen.is_empty() && h.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "http",
+                "listen",
+                &h.listen,
+                "is not an address like 127.0.0.1:9187 (empty turns the HTTP listener off)",
+            ));
+        }
         Ok(())
     }
 }

@@ -9,6 +9,7 @@ use crate::relay::Relay;
 use crate::sink::Sink;
 use crate::sink::rabbitmq::RabbitMqSink;
 use crate::store::{Store, StoreError};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -21,6 +22,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("invalid RabbitMQ destination: {0}")]
     Destination(String),
+    #[error("{0}")]
+    Http(String),
 }
 
 /// A running instance.
@@ -29,6 +32,7 @@ pub struct Outboxd {
     store: Store,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
+    http_addr: Option<SocketAddr>,
 }
 
 impl Outboxd {
@@ -36,6 +40,16 @@ impl Outboxd {
     pub async fn start(config: Config) -> Result<Outboxd, StartError> {
         let metrics = Metrics::new();
         let store = Store::connect(&config).await?;
+        let http = if config.http.listen.is_empty() {
+            None
+        } else {
+            Some(
+                crate::http::bind(&config.http.listen)
+                    .await
+                    .map_err(StartError::Http)?,
+            )
+        };
+        let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         let keeper = PartitionKeeper::new(
             store.clone(),
             config.partitions.days_ahead,
@@ -45,16 +59,26 @@ impl Outboxd {
         if let Err(error) = keeper.run_once().await {
             tracing::error!(%error, "partition upkeep failed at start; producers' rows go to outbox_default meanwhile");
         }
-        let rabbitmq = RabbitMqSink::new(config.rabbitmq.clone(), metrics.clone())
-            .map_err(StartError::Destination)?;
-        if let Err(error) = rabbitmq.check().await {
-            tracing::error!(%error, "RabbitMQ is not reachable at start; events wait in PENDING until it is");
-        }
-        let destinations: Vec<Arc<dyn Sink>> = vec![Arc::new(rabbitmq)];
+        let rabbitmq = Arc::new(
+            RabbitMqSink::new(config.rabbitmq.clone(), metrics.clone())
+                .map_err(StartError::Destination)?,
+        );
+        let destinations: Vec<Arc<dyn Sink>> = vec![rabbitmq.clone()];
 
         let shutdown = CancellationToken::new();
         let (wakes_tx, wakes_rx) = mpsc::unbounded_channel();
         let mut tasks = JoinSet::new();
+        // Connect to the broker now, so a wrong URL is reported at start, without
+        // holding the start up while it is unreachable.
+        let checking = shutdown.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = checking.cancelled() => {}
+                checked = rabbitmq.check() => if let Err(error) = checked {
+                    tracing::error!(%error, "RabbitMQ is not reachable at start; events wait in PENDING until it is");
+                }
+            }
+        });
         let relay = Relay::new(
             store.clone(),
             destinations,
@@ -75,16 +99,25 @@ impl Outboxd {
         tasks.spawn(keeper.run(shutdown.clone()));
         let listener = Listener::new(&config, wakes_tx, metrics.clone());
         tasks.spawn(listener.run(shutdown.clone()));
+        if let Some(http) = http {
+            tasks.spawn(crate::http::serve(http, metrics.clone(), shutdown.clone()));
+        }
         Ok(Outboxd {
             metrics,
             store,
             shutdown,
             tasks,
+            http_addr,
         })
     }
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Where `/metrics` is served (`None`: HTTP listener off).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     pub fn store(&self) -> &Store {

@@ -189,3 +189,91 @@ async fn status_counts_events_per_status() {
     assert_eq!(line("PUBLISHED"), "0", "{stdout}");
     assert!(stdout.contains("1 dead letter"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_unfinished_events_and_exits_zero() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    const K: i64 = 20;
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             SELECT 'order', g::text, 'order.created', '{}' FROM generate_series(1, $1::int8) g",
+            &[&K],
+        )
+        .await
+        .unwrap();
+    // A "broker" that accepts connections and never answers: deliveries hang.
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let broker_url = format!(
+        "amqp://guest:guest@{}/%2f",
+        black_hole.local_addr().unwrap()
+    );
+
+    let mut command = Command::new(env!("CARGO_BIN_EXE_outboxd"));
+    command
+        .arg("run")
+        .env("DATABASE_URL", &db.url)
+        .env("OUTBOXD_RABBITMQ_URL", &broker_url)
+        .env("OUTBOXD_RABBITMQ_CONFIRM_TIMEOUT", "60s")
+        .env("OUTBOXD_RELAY_SHUTDOWN_GRACE", "1s")
+        .env("OUTBOXD_HTTP_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+
+    // Wait until every event is claimed (PROCESSING) and stuck in delivery.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while db.count("PROCESSING").await < K {
+        assert!(Instant::now() < deadline, "events were not claimed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "outboxd did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let log = lines.join().unwrap().join("\n");
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("released unfinished events"), "{log}");
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE status = 'PENDING' AND locked_until IS NULL
+                                       AND lock_token IS NULL AND attempts = 0),
+                    count(*)
+               FROM outbox",
+            &[],
+        )
+        .await
+        .unwrap();
+    let released: i64 = row.get(0);
+    let total: i64 = row.get(1);
+    assert_eq!(
+        (released, total),
+        (K, K),
+        "every claimed event is back to PENDING, attempt given back"
+    );
+    drop(black_hole);
+}

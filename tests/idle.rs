@@ -19,6 +19,7 @@ async fn idle_outboxd_sends_at_most_six_statements_in_twenty_seconds() {
     config.database.url = proxy.url(&db.name);
     config.rabbitmq.exchange = broker.exchange.clone();
     config.rabbitmq.declare_exchange = false;
+    config.http.listen = "127.0.0.1:0".into();
     let service = Outboxd::start(config).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while service.metrics().listener_connected.get() != 1 {

@@ -116,6 +116,23 @@ async fn committed_event_is_consumed_once_and_rolled_back_event_never() {
         .get(0);
     assert_eq!(delivered_to, vec!["rabbitmq".to_string()]);
     assert_eq!(service.metrics().recovered(SweepKind::Safety), 0);
+
+    let (status, metrics) = support::http_get(service.http_addr().unwrap(), "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("outbox_events_published_total{destination=\"rabbitmq\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("outbox_listener_connected 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("outbox_delivery_latency_seconds_count 1\n"),
+        "{metrics}"
+    );
+    let (status, _) = support::http_get(service.http_addr().unwrap(), "/healthz").await;
+    assert_eq!(status, 200);
     service.stop().await;
 }
 

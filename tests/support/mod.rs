@@ -5,6 +5,26 @@
 
 pub mod proxy;
 
+/// A plain HTTP GET on 127.0.0.1 (status code, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
 use futures_util::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
@@ -328,6 +348,7 @@ pub fn config(db: &TestDb, broker: &TestBroker) -> Config {
     config.relay.safety_sweep_interval = Duration::from_secs(3600);
     config.relay.shutdown_grace = Duration::from_secs(5);
     config.listener.reconnect_max_delay = Duration::from_millis(500);
+    config.http.listen = "127.0.0.1:0".into();
     config.validate().unwrap();
     config
 }
