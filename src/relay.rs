@@ -159,8 +159,9 @@ struct Deliverer {
 
 /// What a finished delivery tells the loop.
 struct BatchReport {
-    /// The soonest retry this batch scheduled.
-    earliest_retry: Option<Duration>,
+    /// The delays of the retries this batch scheduled, so the relay claims them when
+    /// they fall due instead of waiting for the safety sweep.
+    retries: Vec<Duration>,
 }
 
 /// The relay loop. See the module docs.
@@ -172,7 +173,8 @@ pub struct Relay {
 struct State {
     pending: BTreeSet<i64>,
     sweep: Option<Sweep>,
-    retry_at: Option<Instant>,
+    /// When retries this instance scheduled fall due (rounded up to 10 ms slots).
+    retry_at: BTreeSet<Instant>,
     claim_failures: i32,
     claims_blocked_until: Option<Instant>,
     in_flight: JoinSet<BatchReport>,
@@ -198,9 +200,17 @@ impl State {
         }
     }
 
-    fn schedule_retry(&mut self, after: Duration) {
-        let at = Instant::now() + after;
-        self.retry_at = Some(self.retry_at.map_or(at, |current| current.min(at)));
+    fn schedule_retries(&mut self, delays: &[Duration]) {
+        let now = Instant::now();
+        for delay in delays {
+            // Round up to a 10 ms slot: bounded timers, and never before the row is due.
+            let slot = Duration::from_millis((delay.as_millis() as u64).div_ceil(10) * 10 + 10);
+            self.retry_at.insert(now + slot);
+        }
+    }
+
+    fn next_retry(&self) -> Option<Instant> {
+        self.retry_at.first().copied()
     }
 }
 
@@ -237,7 +247,7 @@ impl Relay {
         let mut state = State {
             pending: BTreeSet::new(),
             sweep: None,
-            retry_at: None,
+            retry_at: BTreeSet::new(),
             claim_failures: 0,
             claims_blocked_until: None,
             in_flight: JoinSet::new(),
@@ -249,6 +259,8 @@ impl Relay {
             }
             self.fill(&mut state).await;
             let far = Instant::now() + Duration::from_secs(86_400);
+            let next_retry = state.next_retry();
+            let claims_blocked_until = state.claims_blocked_until;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -268,11 +280,14 @@ impl Relay {
                         break;
                     }
                 },
-                _ = sleep_until(state.retry_at.unwrap_or(far)), if state.retry_at.is_some() => {
-                    state.retry_at = None;
+                _ = sleep_until(next_retry.unwrap_or(far)), if next_retry.is_some() => {
+                    let now = Instant::now();
+                    while state.retry_at.first().is_some_and(|at| *at <= now) {
+                        state.retry_at.pop_first();
+                    }
                     state.request(Sweep::Retry);
                 }
-                _ = sleep_until(state.claims_blocked_until.unwrap_or(far)), if state.claims_blocked_until.is_some() => {
+                _ = sleep_until(claims_blocked_until.unwrap_or(far)), if claims_blocked_until.is_some() => {
                     state.claims_blocked_until = None;
                 }
                 _ = safety.tick() => state.request(Sweep::Safety),
@@ -403,9 +418,7 @@ fn finished(
     match done {
         Ok((id, report)) => {
             state.tokens.remove(&id);
-            if let Some(after) = report.earliest_retry {
-                state.schedule_retry(after);
-            }
+            state.schedule_retries(&report.retries);
         }
         Err(error) if error.is_cancelled() => {
             // Aborted on shutdown: its token stays, so drain() releases its events.
@@ -496,7 +509,6 @@ impl Deliverer {
         let mut complete = Vec::new();
         let mut retry = Vec::new();
         let mut bury = Vec::new();
-        let mut earliest_retry: Option<Duration> = None;
         let now = SystemTime::now();
         for (index, event) in events.iter().enumerate() {
             let outcomes: Vec<(&str, &Outcome)> = per_destination
@@ -522,7 +534,6 @@ impl Deliverer {
                     give_back_attempt,
                     acked,
                 } => {
-                    earliest_retry = Some(earliest_retry.map_or(delay, |d| d.min(delay)));
                     retry.push(RetryItem {
                         id: event.id,
                         created_at: event.created_at,
@@ -549,18 +560,14 @@ impl Deliverer {
                 }
             }
         }
-        self.apply(
-            "complete",
-            complete.len(),
-            self.store.complete(lock_token, &complete).await,
-        );
-        self.apply(
-            "schedule_retry",
-            retry.len(),
-            self.store.schedule_retry(lock_token, &retry).await,
-        );
-        self.apply("bury", bury.len(), self.store.bury(lock_token, &bury).await);
-        BatchReport { earliest_retry }
+        let retries = retry.iter().map(|r| r.delay).collect();
+        let completed = persist(|| self.store.complete(lock_token, &complete)).await;
+        self.apply("complete", complete.len(), completed);
+        let rescheduled = persist(|| self.store.schedule_retry(lock_token, &retry)).await;
+        self.apply("schedule_retry", retry.len(), rescheduled);
+        let buried = persist(|| self.store.bury(lock_token, &bury)).await;
+        self.apply("bury", bury.len(), buried);
+        BatchReport { retries }
     }
 
     fn count(&self, event: &Event, destination: &str, outcome: &Outcome) {
@@ -627,6 +634,30 @@ impl Deliverer {
             ),
         }
     }
+}
+
+/// Records an outcome, trying again for a few seconds when the database does not
+/// answer (a restart, a failover): every outcome that lands saves a re-delivery.
+/// A retry after a lost reply finds the rows already updated and is counted as fenced.
+async fn persist<F, Fut>(write: F) -> Result<Vec<i64>, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<i64>, StoreError>>,
+{
+    use backon::{ExponentialBuilder, Retryable};
+    write
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(2))
+                .with_max_times(5)
+                .with_jitter(),
+        )
+        .when(StoreError::is_transient)
+        .notify(|error, after| {
+            tracing::warn!(%error, retry_in_ms = after.as_millis() as u64, "could not record outcome; retrying")
+        })
+        .await
 }
 
 #[cfg(test)]

@@ -607,3 +607,145 @@ async fn partitions_exist_a_week_ahead_and_rows_beyond_them_are_still_delivered(
     assert!(report.created.is_empty());
     service.stop().await;
 }
+
+/// Inserts an event without firing the NOTIFY trigger, as if its notification was lost.
+async fn insert_unannounced(producer: &tokio_postgres::Client) -> Uuid {
+    producer
+        .batch_execute("SET session_replication_role = replica")
+        .await
+        .unwrap();
+    let tracking_id = enqueue(producer, &order_event(1)).await.unwrap();
+    producer
+        .batch_execute("SET session_replication_role = origin")
+        .await
+        .unwrap();
+    tracking_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn safety_sweep_recovers_an_event_whose_notification_was_lost() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let mut config = config(&db, &broker);
+    config.relay.safety_sweep_interval = Duration::from_secs(1);
+    config.relay.safety_sweep_grace = Duration::from_millis(500);
+    let service = started(config).await;
+    let producer = db.client().await;
+    let tracking_id = insert_unannounced(&producer).await;
+
+    let received = broker.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].message_id, tracking_id.to_string());
+    assert_eq!(
+        service.metrics().notifications.get(),
+        0,
+        "no notification was sent"
+    );
+    assert_eq!(
+        service.metrics().recovered(SweepKind::Safety),
+        1,
+        "the safety sweep counted it"
+    );
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_notification_is_answered_with_a_sweep() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let service = started(config(&db, &broker)).await;
+    let producer = db.client().await;
+    let tracking_id = insert_unannounced(&producer).await;
+    producer
+        .batch_execute("NOTIFY outbox_events, 'not-an-id'")
+        .await
+        .unwrap();
+
+    let received = broker.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(received.len(), 1, "the sweep found the event");
+    assert_eq!(received[0].message_id, tracking_id.to_string());
+    assert_eq!(service.metrics().malformed_notifications.get(), 1);
+    assert_eq!(
+        service.metrics().listener_connected.get(),
+        1,
+        "the listener carried on"
+    );
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_of_events_failing_at_different_times_each_fire_on_time() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(None).await; // unroutable: every attempt fails
+    let mut config = config(&db, &broker);
+    config.retry.max_attempts = 2;
+    config.retry.base_delay = Duration::from_millis(400);
+    let service = started(config).await;
+    let producer = db.client().await;
+    enqueue(&producer, &order_event(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    enqueue(&producer, &order_event(2)).await.unwrap();
+
+    // The safety sweep is an hour away: only the retry timers can bring both back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while db.count("DEAD_LETTER").await < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "a retry waited for the safety sweep"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(service.metrics().recovered(SweepKind::Safety), 0);
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_is_renewed_while_a_delivery_runs() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let mut config = config(&db, &broker);
+    // A broker that accepts connections and never answers: the delivery hangs.
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    config.rabbitmq.url = format!(
+        "amqp://guest:guest@{}/%2f",
+        black_hole.local_addr().unwrap()
+    );
+    config.rabbitmq.confirm_timeout = Duration::from_secs(60);
+    config.relay.lease = Duration::from_secs(2);
+    config.relay.shutdown_grace = Duration::from_millis(200);
+    let service = started(config).await;
+    let producer = db.client().await;
+    let tracking_id = enqueue(&producer, &order_event(1)).await.unwrap();
+
+    let lease = |row: tokio_postgres::Row| -> (String, Option<Uuid>, Option<SystemTime>) {
+        (row.get(0), row.get(1), row.get(2))
+    };
+    let sql = "SELECT status, lock_token, locked_until FROM outbox WHERE tracking_id = $1";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (_, token, first_until) = loop {
+        let current = lease(producer.query_one(sql, &[&tracking_id]).await.unwrap());
+        if current.0 == "PROCESSING" {
+            break current;
+        }
+        assert!(Instant::now() < deadline, "not claimed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // Three leases later the same claim still owns it, and the reaper left it alone.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (status, later_token, later_until) =
+        lease(producer.query_one(sql, &[&tracking_id]).await.unwrap());
+    assert_eq!(status, "PROCESSING");
+    assert_eq!(later_token, token);
+    let renewed_by = later_until
+        .unwrap()
+        .duration_since(first_until.unwrap())
+        .unwrap();
+    assert!(
+        renewed_by >= Duration::from_secs(4),
+        "lease extended by {renewed_by:?}"
+    );
+    assert_eq!(service.metrics().reaped.get(), 0);
+    service.stop().await;
+    assert_eq!(db.count("PENDING").await, 1, "released on stop");
+    drop(black_hole);
+}

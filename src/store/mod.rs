@@ -51,6 +51,23 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A connection problem that may pass (as opposed to a statement the server refuses).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Pool(_) | StoreError::Unreachable { .. } => true,
+            StoreError::Query { source, .. } => {
+                source.is_closed()
+                    || source.as_db_error().is_none_or(|db| {
+                        let code = db.code().code();
+                        // connection exception, operator intervention (shutdown),
+                        // insufficient resources
+                        code.starts_with("08") || code.starts_with("57") || code.starts_with("53")
+                    })
+            }
+            StoreError::BadUrl { .. } | StoreError::SchemaMissing { .. } => false,
+        }
+    }
+
     fn query(statement: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
         move |source| StoreError::Query { statement, source }
     }
