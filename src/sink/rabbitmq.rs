@@ -16,7 +16,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, UNIX_EPOCH};
 use tokio::sync::Mutex;
 
 /// The name this destination has in `delivered_to` and in metric labels.
@@ -411,16 +411,10 @@ impl Sink for RabbitMqSink {
     }
 }
 
-/// Seconds since the epoch, for the AMQP `timestamp` property.
-pub fn unix_seconds(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::SystemTime;
 
     fn event(event_type: &str) -> Event {
         Event {
