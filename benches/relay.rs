@@ -63,7 +63,8 @@ async fn run(settings: Settings) -> bool {
     let mut p99s = Vec::new();
     let mut maxes = Vec::new();
     for _ in 0..settings.runs {
-        let (latencies, complete) = steady_latency(settings.rate_per_second, settings.steady_for).await;
+        let (latencies, complete) =
+            steady_latency(settings.rate_per_second, settings.steady_for).await;
         ok &= complete;
         p50s.push(quantile(&latencies, 0.50));
         p99s.push(quantile(&latencies, 0.99));
@@ -80,7 +81,10 @@ async fn run(settings: Settings) -> bool {
     for (name, values) in [("p50", &p50s), ("p99", &p99s), ("max", &maxes)] {
         println!(
             "{:<44} {:>6} {:>11.2} ms",
-            format!("commit-to-consume {name} at {} ev/s", settings.rate_per_second),
+            format!(
+                "commit-to-consume {name} at {} ev/s",
+                settings.rate_per_second
+            ),
             settings.runs,
             median(values) * 1000.0
         );
@@ -133,17 +137,29 @@ async fn steady_latency(rate: u64, duration: Duration) -> (Vec<f64>, bool) {
     let total = rate * duration.as_secs();
     for i in 0..total {
         tick.tick().await;
-        let event = NewEvent::new("order", i.to_string(), "order.created", serde_json::json!({ "n": i }));
+        let event = NewEvent::new(
+            "order",
+            i.to_string(),
+            "order.created",
+            serde_json::json!({ "n": i }),
+        );
         let id = enqueue(&producer, &event).await.expect("enqueue");
         committed.insert(id.to_string(), SystemTime::now());
     }
-    let received = broker.wait_for(total as usize, Duration::from_secs(30)).await;
+    let received = broker
+        .wait_for(total as usize, Duration::from_secs(30))
+        .await;
     service.stop().await;
     let latencies: Vec<f64> = received
         .iter()
         .filter_map(|m| {
             let at = committed.get(&m.message_id)?;
-            Some(m.received_at.duration_since(*at).unwrap_or_default().as_secs_f64())
+            Some(
+                m.received_at
+                    .duration_since(*at)
+                    .unwrap_or_default()
+                    .as_secs_f64(),
+            )
         })
         .collect();
     let complete = latencies.len() >= total as usize;

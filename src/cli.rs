@@ -3,7 +3,7 @@
 
 use crate::config::{Config, ConfigError};
 use crate::service::Outboxd;
-use crate::store::{Store, connect_once, migrate};
+use crate::store::{Store, connect_once, migrate, partitions};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -172,9 +172,7 @@ async fn migrate_command(config: &Config, dry_run: bool) -> Result<(), Failure> 
     if applied.is_empty() {
         tracing::info!("schema up to date");
     }
-    let store = Store::connect(config).await.map_err(anyhow::Error::from)?;
-    let report = store
-        .ensure_partitions(config.partitions.days_ahead)
+    let report = partitions::ensure(&mut client, config.partitions.days_ahead)
         .await
         .map_err(anyhow::Error::from)?;
     tracing::info!(

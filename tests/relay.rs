@@ -749,3 +749,41 @@ async fn lease_is_renewed_while_a_delivery_runs() {
     assert_eq!(db.count("PENDING").await, 1, "released on stop");
     drop(black_hole);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_listener_pings_and_keeps_its_connection() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let mut config = config(&db, &broker);
+    config.listener.ping_interval = Duration::from_millis(100);
+    let service = started(config).await;
+    let admin = db.client().await;
+    let listener_pid = || async {
+        admin
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+                   AND application_name = 'outboxd-listener'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, i32>(0))
+            .collect::<Vec<_>>()
+    };
+    let before = listener_pid().await;
+    assert_eq!(before.len(), 1);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        listener_pid().await,
+        before,
+        "ten pings later, the same connection"
+    );
+    assert_eq!(service.metrics().listener_connected.get(), 1);
+    // And it still hears notifications.
+    let tracking_id = enqueue(&admin, &order_event(1)).await.unwrap();
+    let received = broker.wait_for(1, Duration::from_secs(5)).await;
+    assert_eq!(received[0].message_id, tracking_id.to_string());
+    assert_eq!(service.metrics().recovered(SweepKind::Reconnect), 0);
+    service.stop().await;
+}

@@ -82,9 +82,18 @@ impl RoutingKeyTemplate {
 }
 
 struct Live {
-    // Kept so the connection lives as long as the channel.
-    _connection: Connection,
+    connection: Connection,
     channel: Channel,
+}
+
+impl Live {
+    /// Closes a connection that is no longer trusted, without waiting for it.
+    fn retire(self) {
+        tokio::spawn(async move {
+            let closing = self.connection.close(200, "outboxd reconnects".into());
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), closing).await;
+        });
+    }
 }
 
 struct Reconnect {
@@ -136,7 +145,9 @@ impl RabbitMqSink {
         {
             return Ok(current.channel.clone());
         }
-        *live = None;
+        if let Some(old) = live.take() {
+            old.retire();
+        }
         {
             let state = self.reconnect.lock().expect("reconnect state");
             if let Some(at) = state.not_before
@@ -233,7 +244,7 @@ impl RabbitMqSink {
                 })?;
         }
         Ok(Live {
-            _connection: connection,
+            connection,
             channel,
         })
     }
@@ -356,7 +367,9 @@ impl RabbitMqSink {
                     });
                 }
                 // A channel that lost confirms is not trusted again.
-                *self.live.lock().await = None;
+                if let Some(old) = self.live.lock().await.take() {
+                    old.retire();
+                }
             }
         }
         outcomes

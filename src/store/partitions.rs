@@ -9,6 +9,7 @@ use super::{Store, StoreError, error_text};
 use std::time::Duration;
 
 const PARTITION_DAYS: &str = include_str!("../../sql/partition_days.sql");
+const DEFAULT_PARTITION_ROWS: &str = include_str!("../../sql/default_partition_rows.sql");
 
 /// What one pass did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -29,58 +30,71 @@ impl Store {
     /// Makes sure partitions exist for today (UTC) and the next `days_ahead` days.
     pub async fn ensure_partitions(&self, days_ahead: u32) -> Result<PartitionReport, StoreError> {
         let mut client = self.pooled().await?;
-        let days = client
-            .query(PARTITION_DAYS, &[&(days_ahead as i32)])
-            .await
-            .map_err(StoreError::query("partition_days"))?;
-        let mut report = PartitionReport::default();
-        for day in days {
-            let suffix: String = day.get(0);
-            let from: String = day.get(1);
-            let to: String = day.get(2);
-            let attached: bool = day.get(3);
-            if attached {
-                continue;
-            }
-            let name = format!("outbox_p{suffix}");
-            let mut tries = 0;
-            loop {
-                tries += 1;
-                match attach_day(&mut client, &name, &from, &to).await {
-                    Ok(true) => {
-                        tracing::info!(partition = %name, "partition created");
-                        report.created.push(name);
-                        break;
+        ensure(&mut client, days_ahead).await
+    }
+}
+
+/// Makes sure partitions exist for today (UTC) and the next `days_ahead` days, on any
+/// connection (`outboxd migrate` runs it on its own).
+pub async fn ensure(
+    client: &mut tokio_postgres::Client,
+    days_ahead: u32,
+) -> Result<PartitionReport, StoreError> {
+    let days = client
+        .query(PARTITION_DAYS, &[&(days_ahead as i32)])
+        .await
+        .map_err(StoreError::query("partition_days"))?;
+    let mut report = PartitionReport::default();
+    for day in days {
+        let suffix: String = day.get(0);
+        let from: String = day.get(1);
+        let to: String = day.get(2);
+        let attached: bool = day.get(3);
+        if attached {
+            continue;
+        }
+        let name = format!("outbox_p{suffix}");
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match attach_day(client, &name, &from, &to).await {
+                Ok(true) => {
+                    tracing::info!(partition = %name, "partition created");
+                    report.created.push(name);
+                    break;
+                }
+                Ok(false) => break,
+                Err(error) => {
+                    let code = error.code().map(|c| c.code().to_string());
+                    if code.as_deref() == Some("55P03") && tries < ATTACH_TRIES {
+                        // lock_timeout: a long transaction holds the table; try again.
+                        tokio::time::sleep(Duration::from_millis(200 * u64::from(tries))).await;
+                        continue;
                     }
-                    Ok(false) => break,
-                    Err(error) => {
-                        let code = error.code().map(|c| c.code().to_string());
-                        if code.as_deref() == Some("55P03") && tries < ATTACH_TRIES {
-                            // lock_timeout: a long transaction holds the table; try again.
-                            tokio::time::sleep(Duration::from_millis(200 * u64::from(tries))).await;
-                            continue;
-                        }
-                        let reason = error_text(&error);
-                        tracing::error!(
-                            partition = %name,
-                            error = %reason,
-                            "cannot create partition; rows for that day will go to outbox_default"
-                        );
-                        report.skipped.push((name, reason));
-                        break;
-                    }
+                    let reason = error_text(&error);
+                    tracing::error!(
+                        partition = %name,
+                        error = %reason,
+                        "cannot create partition; rows for that day will go to outbox_default"
+                    );
+                    report.skipped.push((name, reason));
+                    break;
                 }
             }
         }
-        report.default_rows = self.default_partition_rows().await?;
-        if report.default_rows > 0 {
-            tracing::error!(
-                rows = report.default_rows,
-                "rows found in partition outbox_default: a daily partition was missing when they were inserted; they are still delivered, but retention cannot drop them and no partition can be created for their days until they are moved"
-            );
-        }
-        Ok(report)
     }
+    report.default_rows = client
+        .query_one(DEFAULT_PARTITION_ROWS, &[])
+        .await
+        .map_err(StoreError::query("default_partition_rows"))?
+        .get(0);
+    if report.default_rows > 0 {
+        tracing::error!(
+            rows = report.default_rows,
+            "rows found in partition outbox_default: a daily partition was missing when they were inserted; they are still delivered, but retention cannot drop them and no partition can be created for their days until they are moved"
+        );
+    }
+    Ok(report)
 }
 
 /// Creates and attaches one day's partition in one short transaction. `Ok(false)`: another

@@ -33,7 +33,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use outboxd::Config;
-use outboxd::store::{Store, connect_once, migrate};
+use outboxd::store::{Store, connect_once, migrate, partitions};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -63,13 +63,14 @@ pub struct TestDb {
 }
 
 impl TestDb {
-    /// A fresh, migrated database.
+    /// A fresh database, migrated as `outboxd migrate` does (schema and partitions).
     pub async fn new() -> TestDb {
         let db = Self::empty().await;
         let mut client = connect_once(&db.url, Duration::from_secs(5), "outboxd-test")
             .await
             .unwrap();
         migrate::run(&mut client).await.unwrap();
+        partitions::ensure(&mut client, 7).await.unwrap();
         db
     }
 
