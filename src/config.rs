@@ -289,46 +289,22 @@ impl Config {
             crate::tls::parse_url(&d.listen_url)
                 .map_err(|e| invalid("database", "listen_url", redact(&d.listen_url), e))?;
         }
-        if !(1..=256).contains(&d.pool_size) {
-            return Err(invalid(
-                "database",
-                "pool_size",
-                d.pool_size,
-                "must be between 1 and 256",
-            ));
-        }
+        in_range("database", "pool_size", d.pool_size, 1..=256)?;
         positive("database", "connect_timeout", d.connect_timeout)?;
 
         let l = &self.listener;
         positive("listener", "ping_interval", l.ping_interval)?;
         positive("listener", "keepalive_idle", l.keepalive_idle)?;
-        positive("listener", "reconnect_min_delay", l.reconnect_min_delay)?;
-        if l.reconnect_max_delay < l.reconnect_min_delay {
-            return Err(invalid(
-                "listener",
-                "reconnect_max_delay",
-                show(l.reconnect_max_delay),
-                "must not be below listener.reconnect_min_delay",
-            ));
-        }
+        backoff_bounds("listener", l.reconnect_min_delay, l.reconnect_max_delay)?;
 
         let r = &self.relay;
-        if !(1..=10_000).contains(&r.batch_size) {
-            return Err(invalid(
-                "relay",
-                "batch_size",
-                r.batch_size,
-                "must be between 1 and 10000",
-            ));
-        }
-        if !(1..=64).contains(&r.max_in_flight_batches) {
-            return Err(invalid(
-                "relay",
-                "max_in_flight_batches",
-                r.max_in_flight_batches,
-                "must be between 1 and 64",
-            ));
-        }
+        in_range("relay", "batch_size", r.batch_size, 1..=10_000)?;
+        in_range(
+            "relay",
+            "max_in_flight_batches",
+            r.max_in_flight_batches,
+            1..=64,
+        )?;
         if r.lease < Duration::from_secs(1) {
             return Err(invalid(
                 "relay",
@@ -340,14 +316,7 @@ impl Config {
         positive("relay", "safety_sweep_interval", r.safety_sweep_interval)?;
 
         let t = &self.retry;
-        if !(1..=1000).contains(&t.max_attempts) {
-            return Err(invalid(
-                "retry",
-                "max_attempts",
-                t.max_attempts,
-                "must be between 1 and 1000",
-            ));
-        }
+        in_range("retry", "max_attempts", t.max_attempts, 1..=1000)?;
         positive("retry", "base_delay", t.base_delay)?;
         if t.max_delay < t.base_delay {
             return Err(invalid(
@@ -394,25 +363,10 @@ impl Config {
         crate::sink::rabbitmq::RoutingKeyTemplate::parse(&q.routing_key)
             .map_err(|e| invalid("rabbitmq", "routing_key", &q.routing_key, e))?;
         positive("rabbitmq", "confirm_timeout", q.confirm_timeout)?;
-        positive("rabbitmq", "reconnect_min_delay", q.reconnect_min_delay)?;
-        if q.reconnect_max_delay < q.reconnect_min_delay {
-            return Err(invalid(
-                "rabbitmq",
-                "reconnect_max_delay",
-                show(q.reconnect_max_delay),
-                "must not be below rabbitmq.reconnect_min_delay",
-            ));
-        }
+        backoff_bounds("rabbitmq", q.reconnect_min_delay, q.reconnect_max_delay)?;
 
         let p = &self.partitions;
-        if !(1..=365).contains(&p.days_ahead) {
-            return Err(invalid(
-                "partitions",
-                "days_ahead",
-                p.days_ahead,
-                "must be between 1 and 365",
-            ));
-        }
+        in_range("partitions", "days_ahead", p.days_ahead, 1..=365)?;
         positive("partitions", "check_interval", p.check_interval)?;
 
         let h = &self.http;
@@ -426,6 +380,36 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn in_range<T>(
+    section: &str,
+    key: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<(), ConfigError>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if range.contains(&value) {
+        return Ok(());
+    }
+    let problem = format!("must be between {} and {}", range.start(), range.end());
+    Err(invalid(section, key, value, problem))
+}
+
+/// `reconnect_min_delay` must be positive and not above `reconnect_max_delay`.
+fn backoff_bounds(section: &str, min: Duration, max: Duration) -> Result<(), ConfigError> {
+    positive(section, "reconnect_min_delay", min)?;
+    if max < min {
+        return Err(invalid(
+            section,
+            "reconnect_max_delay",
+            show(max),
+            format!("must not be below {section}.reconnect_min_delay"),
+        ));
+    }
+    Ok(())
 }
 
 fn positive(section: &str, key: &str, value: Duration) -> Result<(), ConfigError> {

@@ -38,18 +38,7 @@ impl Reaper {
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut tick = interval_at(Instant::now() + self.every, self.every);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {
-                    if let Err(error) = self.run_once().await {
-                        tracing::error!(%error, "reap failed; trying again next round");
-                    }
-                }
-            }
-        }
+        every(self.every, &shutdown, "reap", || self.run_once()).await;
     }
 
     pub async fn run_once(&self) -> Result<Reaped, StoreError> {
@@ -89,23 +78,36 @@ impl PartitionKeeper {
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut tick = interval_at(Instant::now() + self.every, self.every);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {
-                    if let Err(error) = self.run_once().await {
-                        tracing::error!(%error, "partition upkeep failed; trying again next round");
-                    }
-                }
-            }
-        }
+        every(self.every, &shutdown, "partition upkeep", || {
+            self.run_once()
+        })
+        .await;
     }
 
     pub async fn run_once(&self) -> Result<PartitionReport, StoreError> {
         let report = self.store.ensure_partitions(self.days_ahead).await?;
         self.metrics.default_partition_rows.set(report.default_rows);
         Ok(report)
+    }
+}
+
+/// Runs `once` every `period` (first after one period) until shutdown; a failure is
+/// logged and the next round tries again.
+async fn every<T, F, Fut>(period: Duration, shutdown: &CancellationToken, what: &str, mut once: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut tick = interval_at(Instant::now() + period, period);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                if let Err(error) = once().await {
+                    tracing::error!(%error, "{what} failed; trying again next round");
+                }
+            }
+        }
     }
 }

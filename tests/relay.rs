@@ -787,3 +787,81 @@ async fn idle_listener_pings_and_keeps_its_connection() {
     assert_eq!(service.metrics().recovered(SweepKind::Reconnect), 0);
     service.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_defers_events_without_charging_attempts() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let mut config = config(&db, &broker);
+    // A port where nothing listens yet: the broker is "down".
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    config.rabbitmq.url = format!("amqp://guest:guest@{port}/%2f");
+    config.rabbitmq.reconnect_min_delay = Duration::from_millis(100);
+    config.rabbitmq.reconnect_max_delay = Duration::from_millis(300);
+    config.retry.max_attempts = 2;
+    config.retry.base_delay = Duration::from_millis(100);
+    let service = started(config).await;
+    let metrics = service.metrics().clone();
+    let producer = db.client().await;
+    let mut inserted = HashSet::new();
+    for i in 0..3 {
+        inserted.insert(
+            enqueue(&producer, &order_event(i))
+                .await
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let deferred = || {
+        metrics
+            .delivery_failures
+            .with_label_values(&["rabbitmq", "deferred"])
+            .get()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || deferred() >= 9).await,
+        "events were deferred again and again"
+    );
+    assert_eq!(
+        db.count("DEAD_LETTER").await,
+        0,
+        "an outage dead-letters nothing"
+    );
+    // A row being deferred right now holds the attempt its claim counted, briefly.
+    let charged: i64 = producer
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE attempts > 1 OR (status = 'PENDING' AND attempts > 0)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(charged, 0, "no attempt charged while the broker was down");
+    assert_eq!(
+        metrics
+            .destination_circuit_open
+            .with_label_values(&["rabbitmq"])
+            .get(),
+        1
+    );
+
+    // The broker comes back on that port.
+    let _back =
+        support::proxy::CountingProxy::start_on(port, "127.0.0.1:5672".parse().unwrap()).await;
+    let received = broker.wait_for(3, Duration::from_secs(15)).await;
+    let consumed: HashSet<String> = received.iter().map(|m| m.message_id.clone()).collect();
+    assert_eq!(consumed, inserted);
+    assert!(db.wait_settled(Duration::from_secs(5)).await);
+    assert_eq!(db.count("PUBLISHED").await, 3);
+    assert_eq!(
+        metrics
+            .destination_circuit_open
+            .with_label_values(&["rabbitmq"])
+            .get(),
+        0
+    );
+    service.stop().await;
+}

@@ -140,6 +140,19 @@ impl TestDb {
     }
 }
 
+/// Runs `work` to completion on a thread of its own: `Drop` may run inside a runtime
+/// that must not be blocked.
+fn block_on_aside(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(work);
+    })
+    .join();
+}
+
 async fn admin() -> tokio_postgres::Client {
     connect_once(ADMIN_URL, Duration::from_secs(5), "outboxd-test-admin")
         .await
@@ -149,20 +162,12 @@ async fn admin() -> tokio_postgres::Client {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
-        // Drop runs outside any runtime we may block: use a thread with its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let admin = admin().await;
-                let _ = admin
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await;
-            });
-        })
-        .join();
+        block_on_aside(async move {
+            let admin = admin().await;
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+        });
     }
 }
 
@@ -182,7 +187,7 @@ pub struct TestBroker {
     pub exchange: String,
     pub queue: String,
     received: Arc<Mutex<Vec<Received>>>,
-    _connection: Option<Connection>,
+    connection: Option<Connection>,
 }
 
 impl TestBroker {
@@ -290,7 +295,7 @@ impl TestBroker {
             exchange,
             queue,
             received,
-            _connection: Some(connection),
+            connection: Some(connection),
         }
     }
 
@@ -314,26 +319,21 @@ impl TestBroker {
 impl Drop for TestBroker {
     fn drop(&mut self) {
         let exchange = self.exchange.clone();
-        let connection = self._connection.take();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                drop(connection);
-                if let Ok(conn) =
-                    Connection::connect(AMQP_URL, ConnectionProperties::default()).await
-                    && let Ok(channel) = conn.create_channel().await
-                {
-                    let _ = channel
-                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                    let _ = conn.close(200, "bye".into()).await;
-                }
-            });
-        })
-        .join();
+        let connection = self.connection.take();
+        block_on_aside(async move {
+            // Closing the consumer's connection removes its exclusive queue.
+            if let Some(connection) = connection {
+                let _ = connection.close(200, "bye".into()).await;
+            }
+            if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+                && let Ok(channel) = conn.create_channel().await
+            {
+                let _ = channel
+                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+                let _ = conn.close(200, "bye".into()).await;
+            }
+        });
     }
 }
 

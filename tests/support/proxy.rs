@@ -1,6 +1,7 @@
-//! A TCP proxy in front of PostgreSQL that counts the statements its clients send
+//! A TCP proxy. In front of PostgreSQL it counts the statements its clients send
 //! (simple-query `Q` and extended-protocol `Execute` messages), so a test can measure
-//! exactly what outboxd sends, without touching the shared server's settings.
+//! exactly what outboxd sends, without touching the shared server's settings; in front
+//! of any service it can stand in for one that comes back.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +17,13 @@ pub struct CountingProxy {
 
 impl CountingProxy {
     pub async fn start(upstream: SocketAddr) -> CountingProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap(), upstream).await
+    }
+
+    /// A proxy on a given address (for example a port that refused connections until
+    /// now: a service "coming back"). Counting only means something for PostgreSQL.
+    pub async fn start_on(listen: SocketAddr, upstream: SocketAddr) -> CountingProxy {
+        let listener = TcpListener::bind(listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let statements = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&statements);
