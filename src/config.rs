@@ -2,7 +2,9 @@
 //! `DATABASE_URL`) environment variables, then CLI flags. Every value is checked at start;
 //! an invalid one fails with the key, the value and the fix, before anything runs.
 
+use crate::routing::{Router, Unrouted};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -17,6 +19,100 @@ pub struct Config {
     pub rabbitmq: RabbitMqConfig,
     pub partitions: PartitionsConfig,
     pub http: HttpConfig,
+    pub routing: RoutingConfig,
+    /// Webhook destinations by name; a route names one as `webhook:NAME`.
+    pub webhooks: BTreeMap<String, WebhookConfig>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// An event no rule matches: `dead_letter` or `skip`. Counted either way.
+    pub unrouted: Unrouted,
+    /// Ordered rules; the first matching one wins. None: everything to `rabbitmq`.
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Patterns such as `order.*`, `order.created`, `*`.
+    pub event_types: Vec<String>,
+    /// `rabbitmq` and/or `webhook:NAME`.
+    pub destinations: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Where events are POSTed (http:// or https://). Redirects are not followed.
+    pub url: String,
+    /// Standard Webhooks secrets (`whsec_<base64>`). Each one signs every request, so
+    /// a secret can be rotated without downtime.
+    pub secrets: Vec<Secret>,
+    #[serde(with = "duration_text", default = "WebhookConfig::default_timeout")]
+    pub timeout: Duration,
+    /// Requests in flight to this endpoint at most.
+    #[serde(default = "WebhookConfig::default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Extra headers on every request.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Consecutive failures that open the circuit.
+    #[serde(default = "WebhookConfig::default_failures_to_open")]
+    pub failures_to_open: u32,
+    /// How long an open circuit waits before one probe (doubles per failed probe).
+    #[serde(with = "duration_text", default = "WebhookConfig::default_cool_down")]
+    pub cool_down: Duration,
+}
+
+impl WebhookConfig {
+    fn default_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    fn default_max_in_flight() -> usize {
+        16
+    }
+    fn default_failures_to_open() -> u32 {
+        5
+    }
+    fn default_cool_down() -> Duration {
+        Duration::from_secs(5)
+    }
+
+    /// A webhook to `url` signed with `secret`, other settings at their defaults.
+    pub fn new(url: impl Into<String>, secret: impl Into<String>) -> WebhookConfig {
+        WebhookConfig {
+            url: url.into(),
+            secrets: vec![Secret::new(secret)],
+            timeout: Self::default_timeout(),
+            max_in_flight: Self::default_max_in_flight(),
+            headers: BTreeMap::new(),
+            failures_to_open: Self::default_failures_to_open(),
+            cool_down: Self::default_cool_down(),
+        }
+    }
+}
+
+/// A secret: usable, never shown (`Debug` prints `***`).
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -378,8 +474,120 @@ impl Config {
                 "is not an address like 127.0.0.1:9187 (empty turns the HTTP listener off)",
             ));
         }
+
+        for (name, webhook) in &self.webhooks {
+            validate_webhook(name, webhook)?;
+        }
+        let router = self
+            .router()
+            .map_err(|e| invalid("routing", "routes", "...", e))?;
+        for destination in router.destinations() {
+            let known = destination == crate::routing::DEFAULT_DESTINATION
+                || destination
+                    .strip_prefix("webhook:")
+                    .is_some_and(|name| self.webhooks.contains_key(name));
+            if !known {
+                let mut defined = vec!["rabbitmq".to_string()];
+                defined.extend(self.webhooks.keys().map(|n| format!("webhook:{n}")));
+                return Err(ConfigError::Invalid {
+                    key: "routing.routes".into(),
+                    value: destination,
+                    problem: format!("names no destination; defined: {}", defined.join(", ")),
+                    fix: "name `rabbitmq` or `webhook:NAME` for a [webhooks.NAME] section".into(),
+                });
+            }
+        }
         Ok(())
     }
+
+    /// The routing table of this config.
+    pub fn router(&self) -> Result<Router, String> {
+        let rules: Vec<(Vec<String>, Vec<String>)> = self
+            .routing
+            .routes
+            .iter()
+            .map(|r| (r.event_types.clone(), r.destinations.clone()))
+            .collect();
+        Router::new(&rules, self.routing.unrouted)
+    }
+}
+
+fn validate_webhook(name: &str, webhook: &WebhookConfig) -> Result<(), ConfigError> {
+    let bad = |key: &str, value: String, problem: String| ConfigError::Invalid {
+        key: format!("webhooks.{name}.{key}"),
+        value,
+        problem,
+        fix: format!(
+            "set `{key}` under [webhooks.{name}] in outboxd.toml or the environment variable {}",
+            webhook_env_name(name, key)
+        ),
+    };
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+    {
+        return Err(bad(
+            "url",
+            name.to_string(),
+            "a webhook name may hold only a-z, 0-9, '_' and '-'".into(),
+        ));
+    }
+    crate::sink::webhook::check_url(&webhook.url)
+        .map_err(|problem| bad("url", webhook.url.clone(), problem))?;
+    if webhook.secrets.is_empty() {
+        return Err(bad(
+            "secrets",
+            "[]".into(),
+            "needs at least one Standard Webhooks secret (whsec_<base64>) to sign with".into(),
+        ));
+    }
+    for secret in &webhook.secrets {
+        crate::sink::webhook::decode_secret(secret.expose())
+            .map_err(|problem| bad("secrets", "***".into(), problem))?;
+    }
+    if webhook.timeout.is_zero() {
+        return Err(bad(
+            "timeout",
+            show(webhook.timeout),
+            "must be greater than zero".into(),
+        ));
+    }
+    if !(1..=1024).contains(&webhook.max_in_flight) {
+        return Err(bad(
+            "max_in_flight",
+            webhook.max_in_flight.to_string(),
+            "must be between 1 and 1024".into(),
+        ));
+    }
+    if webhook.failures_to_open == 0 {
+        return Err(bad(
+            "failures_to_open",
+            "0".into(),
+            "must be at least 1".into(),
+        ));
+    }
+    if webhook.cool_down.is_zero() {
+        return Err(bad(
+            "cool_down",
+            show(webhook.cool_down),
+            "must be greater than zero".into(),
+        ));
+    }
+    for (header, value) in &webhook.headers {
+        crate::sink::webhook::check_header(header, value)
+            .map_err(|problem| bad("headers", header.clone(), problem))?;
+    }
+    Ok(())
+}
+
+/// The environment variable that overrides `key` of webhook `name`.
+pub fn webhook_env_name(name: &str, key: &str) -> String {
+    format!(
+        "OUTBOXD_WEBHOOK_{}_{}",
+        name.to_uppercase().replace('-', "_"),
+        key.to_uppercase()
+    )
 }
 
 fn in_range<T>(
@@ -517,11 +725,22 @@ fn apply_env(
                         });
                     }
                 },
+                toml::Value::Array(_) if section == "routing" && key == "routes" => {
+                    parse_routes(raw).map_err(|problem| ConfigError::Invalid {
+                        key: "routing.routes".into(),
+                        value: raw.clone(),
+                        problem,
+                        fix: format!(
+                            "write {name} as \"order.*=rabbitmq,webhook:billing; *=rabbitmq\" (rules in order, patterns joined with |)"
+                        ),
+                    })?
+                }
                 _ => toml::Value::String(raw.clone()),
             };
             section_mut(table, section).insert(key.clone(), value);
         }
     }
+    apply_webhook_env(table, &env, &mut known)?;
     for (name, _) in &env {
         if name.starts_with("OUTBOXD_") && !known.contains(name) {
             warnings.push(format!(
@@ -530,6 +749,93 @@ fn apply_env(
         }
     }
     Ok(warnings)
+}
+
+/// `OUTBOXD_ROUTING_ROUTES`: `"order.*|invoice.*=rabbitmq,webhook:billing; *=rabbitmq"`.
+fn parse_routes(raw: &str) -> Result<toml::Value, String> {
+    let mut routes = Vec::new();
+    for rule in raw.split(';').map(str::trim).filter(|r| !r.is_empty()) {
+        let (patterns, destinations) = rule
+            .split_once('=')
+            .ok_or_else(|| format!("rule {rule:?} has no '='"))?;
+        let list = |text: &str, separator: char| -> toml::Value {
+            toml::Value::Array(
+                text.split(separator)
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(|t| toml::Value::String(t.to_string()))
+                    .collect(),
+            )
+        };
+        let mut route = toml::Table::new();
+        route.insert("event_types".into(), list(patterns, '|'));
+        route.insert("destinations".into(), list(destinations, ','));
+        routes.push(toml::Value::Table(route));
+    }
+    Ok(toml::Value::Array(routes))
+}
+
+/// `OUTBOXD_WEBHOOK_<NAME>_<KEY>` defines or overrides webhook `name` (lowercased):
+/// `URL`, `SECRET`/`SECRETS` (several separated by spaces or commas), `TIMEOUT`,
+/// `MAX_IN_FLIGHT`, `FAILURES_TO_OPEN`, `COOL_DOWN`.
+fn apply_webhook_env(
+    table: &mut toml::Table,
+    env: &[(String, String)],
+    known: &mut Vec<String>,
+) -> Result<(), ConfigError> {
+    const KEYS: [&str; 7] = [
+        "_MAX_IN_FLIGHT",
+        "_FAILURES_TO_OPEN",
+        "_COOL_DOWN",
+        "_SECRETS",
+        "_SECRET",
+        "_TIMEOUT",
+        "_URL",
+    ];
+    for (name, raw) in env {
+        let Some(rest) = name.strip_prefix("OUTBOXD_WEBHOOK_") else {
+            continue;
+        };
+        let Some(suffix) = KEYS.iter().find(|k| rest.ends_with(*k)) else {
+            continue;
+        };
+        let webhook = rest[..rest.len() - suffix.len()].to_lowercase();
+        if webhook.is_empty() {
+            continue;
+        }
+        known.push(name.clone());
+        let key = suffix[1..].to_lowercase();
+        let value = match key.as_str() {
+            "secret" | "secrets" => toml::Value::Array(
+                raw.split([' ', ','])
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.to_string()))
+                    .collect(),
+            ),
+            "max_in_flight" | "failures_to_open" => {
+                toml::Value::Integer(raw.trim().parse().map_err(|_| ConfigError::Invalid {
+                    key: format!("webhooks.{webhook}.{key}"),
+                    value: raw.clone(),
+                    problem: "is not a whole number".into(),
+                    fix: format!("set {name} to a whole number"),
+                })?)
+            }
+            _ => toml::Value::String(raw.clone()),
+        };
+        let key = if key == "secret" {
+            "secrets".to_string()
+        } else {
+            key
+        };
+        let webhooks = section_mut(table, "webhooks");
+        let entry = webhooks
+            .entry(webhook)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let Some(entry) = entry.as_table_mut() {
+            entry.insert(key, value);
+        }
+    }
+    Ok(())
 }
 
 fn section_mut<'a>(table: &'a mut toml::Table, section: &str) -> &'a mut toml::Table {
@@ -721,5 +1027,103 @@ mod tests {
             redact("host=h password=x user=u"),
             "host=h password=*** user=u"
         );
+    }
+
+    #[test]
+    fn routes_and_webhooks_come_from_the_file_or_the_environment() {
+        let dir = std::env::temp_dir().join(format!("outboxd-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("outboxd.toml");
+        std::fs::write(
+            &path,
+            r#"
+[routing]
+unrouted = "skip"
+
+[[routing.routes]]
+event_types = ["order.*"]
+destinations = ["rabbitmq", "webhook:billing"]
+
+[webhooks.billing]
+url = "https://billing.example/hooks"
+secrets = ["whsec_aGVsbG8="]
+timeout = "3s"
+headers = { "x-env" = "test" }
+"#,
+        )
+        .unwrap();
+        let (config, warnings) = Config::load(Some(&path), env(&[])).unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(config.routing.unrouted, Unrouted::Skip);
+        assert_eq!(config.webhooks["billing"].timeout, Duration::from_secs(3));
+        assert_eq!(config.webhooks["billing"].max_in_flight, 16);
+        assert!(
+            !format!("{config:?}").contains("aGVsbG8"),
+            "secrets are never shown"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let (config, warnings) = Config::load(
+            None,
+            env(&[
+                ("OUTBOXD_WEBHOOK_CRM_URL", "http://127.0.0.1:9/in"),
+                (
+                    "OUTBOXD_WEBHOOK_CRM_SECRETS",
+                    "whsec_aGVsbG8= whsec_d29ybGQ=",
+                ),
+                ("OUTBOXD_WEBHOOK_CRM_MAX_IN_FLIGHT", "4"),
+                (
+                    "OUTBOXD_ROUTING_ROUTES",
+                    "order.*|invoice.*=rabbitmq,webhook:crm; *=rabbitmq",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(config.webhooks["crm"].secrets.len(), 2);
+        assert_eq!(config.webhooks["crm"].max_in_flight, 4);
+        assert_eq!(config.routing.routes.len(), 2);
+        assert_eq!(
+            config.routing.routes[0].event_types,
+            vec!["order.*", "invoice.*"]
+        );
+        assert_eq!(config.routing.routes[1].destinations, vec!["rabbitmq"]);
+    }
+
+    #[test]
+    fn routes_to_undefined_webhooks_and_bad_secrets_are_refused() {
+        let error =
+            Config::load(None, env(&[("OUTBOXD_ROUTING_ROUTES", "*=webhook:nope")])).unwrap_err();
+        let text = error.to_string();
+        assert!(
+            text.contains("webhook:nope") && text.contains("defined: rabbitmq"),
+            "{text}"
+        );
+
+        let error = Config::load(
+            None,
+            env(&[
+                ("OUTBOXD_WEBHOOK_CRM_URL", "http://127.0.0.1:9/in"),
+                ("OUTBOXD_WEBHOOK_CRM_SECRET", "whsec_topsecret!!"),
+            ]),
+        )
+        .unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("webhooks.crm.secrets"), "{text}");
+        assert!(
+            !text.contains("topsecret"),
+            "the secret is not shown: {text}"
+        );
+        assert!(text.contains("OUTBOXD_WEBHOOK_CRM_SECRETS"), "{text}");
+
+        let error = Config::load(
+            None,
+            env(&[
+                ("OUTBOXD_WEBHOOK_CRM_URL", "ftp://x/"),
+                ("OUTBOXD_WEBHOOK_CRM_SECRET", "whsec_aGVsbG8="),
+            ]),
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("webhooks.crm.url"), "{error}");
     }
 }

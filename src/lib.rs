@@ -15,6 +15,7 @@ pub mod notification;
 pub mod producer;
 pub mod relay;
 pub mod retry;
+pub mod routing;
 pub mod service;
 pub mod sink;
 pub mod store;

@@ -40,6 +40,7 @@ pub struct Metrics {
     pub sweep_recovered: IntCounterVec,
     pub default_partition_rows: IntGauge,
     pub destination_circuit_open: IntGaugeVec,
+    pub unrouted: IntCounter,
 }
 
 impl Default for Metrics {
@@ -124,6 +125,11 @@ impl Metrics {
             &["destination"],
         )
         .expect("metric");
+        let unrouted = IntCounter::new(
+            "outbox_events_unrouted_total",
+            "Events no routing rule matched (dead-lettered or skipped, as configured).",
+        )
+        .expect("metric");
         for collector in [
             Box::new(published.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(delivery_failures.clone()),
@@ -136,6 +142,7 @@ impl Metrics {
             Box::new(sweep_recovered.clone()),
             Box::new(default_partition_rows.clone()),
             Box::new(destination_circuit_open.clone()),
+            Box::new(unrouted.clone()),
         ] {
             registry.register(collector).expect("unique metric names");
         }
@@ -155,6 +162,7 @@ impl Metrics {
             sweep_recovered,
             default_partition_rows,
             destination_circuit_open,
+            unrouted,
         }
     }
 

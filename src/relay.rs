@@ -5,10 +5,11 @@
 //! nothing but its timers.
 
 use crate::config::{RelayConfig, RetryConfig};
-use crate::event::{Claim, Event, Outcome};
+use crate::event::{Event, Outcome};
 use crate::listener::Wake;
 use crate::metrics::{Metrics, SweepKind};
 use crate::retry::{backoff_delay, next_attempt_delay, random_jitter};
+use crate::routing::{Route, Router, Unrouted};
 use crate::sink::Sink;
 use crate::store::{BuryItem, CompleteItem, RetryItem, Store, StoreError};
 use futures_util::future::join_all;
@@ -151,7 +152,8 @@ pub fn decide(
 /// Shared by the relay loop and its delivery tasks.
 struct Deliverer {
     store: Store,
-    destinations: Vec<Arc<dyn Sink>>,
+    router: Router,
+    destinations: HashMap<String, Arc<dyn Sink>>,
     relay: RelayConfig,
     retry: RetryConfig,
     metrics: Metrics,
@@ -217,6 +219,7 @@ impl State {
 impl Relay {
     pub fn new(
         store: Store,
+        router: Router,
         destinations: Vec<Arc<dyn Sink>>,
         relay: RelayConfig,
         retry: RetryConfig,
@@ -226,7 +229,11 @@ impl Relay {
         Self {
             deliverer: Arc::new(Deliverer {
                 store,
-                destinations,
+                router,
+                destinations: destinations
+                    .into_iter()
+                    .map(|sink| (sink.name().to_string(), sink))
+                    .collect(),
                 relay,
                 retry,
                 metrics,
@@ -350,15 +357,16 @@ impl Relay {
             match claimed {
                 Ok(claim) => {
                     state.claim_failures = 0;
-                    if claim.events.is_empty() {
-                        continue;
-                    }
                     let token = claim.lock_token;
-                    let deliverer = Arc::clone(&self.deliverer);
-                    let handle = state
-                        .in_flight
-                        .spawn(async move { deliverer.deliver(claim).await });
-                    state.tokens.insert(handle.id(), token);
+                    // Events of one route travel together; a slow destination holds up
+                    // only the events routed to it.
+                    for (plan, events) in plan(&d.router, claim.events) {
+                        let deliverer = Arc::clone(&self.deliverer);
+                        let handle = state
+                            .in_flight
+                            .spawn(async move { deliverer.deliver(token, plan, events).await });
+                        state.tokens.insert(handle.id(), token);
+                    }
                 }
                 Err(error) => {
                     state.claim_failures += 1;
@@ -398,7 +406,9 @@ impl Relay {
             }
         }
         // Aborted deliveries leave their tokens behind: hand their events back.
-        let tokens: Vec<Uuid> = state.tokens.values().copied().collect();
+        let mut tokens: Vec<Uuid> = state.tokens.values().copied().collect();
+        tokens.sort();
+        tokens.dedup();
         match self.deliverer.store.release(&tokens).await {
             Ok(0) => {}
             Ok(released) => {
@@ -431,12 +441,40 @@ fn finished(
     }
 }
 
+/// What to do with a group of claimed events.
+#[derive(Debug, Clone, PartialEq)]
+enum Plan {
+    /// Send to these destinations (minus those in each event's `delivered_to`).
+    Deliver(Vec<String>),
+    /// No rule matched.
+    Unrouted(Unrouted),
+}
+
+/// Splits claimed events into groups that share a plan, in order of first appearance.
+fn plan(router: &Router, events: Vec<Event>) -> Vec<(Plan, Vec<Event>)> {
+    let mut groups: Vec<(Plan, Vec<Event>)> = Vec::new();
+    for event in events {
+        let plan = match router.route(&event.event_type) {
+            Route::To(destinations) => Plan::Deliver(destinations.to_vec()),
+            Route::Unrouted(policy) => Plan::Unrouted(policy),
+        };
+        match groups.iter_mut().find(|(p, _)| *p == plan) {
+            Some((_, group)) => group.push(event),
+            None => groups.push((plan, vec![event])),
+        }
+    }
+    groups
+}
+
 impl Deliverer {
-    /// Delivers one claim to every destination it still needs, renewing the lease while
-    /// that runs (invariant 7), then records the outcomes fenced by the token.
-    async fn deliver(&self, claim: Claim) -> BatchReport {
-        let Claim { lock_token, events } = claim;
-        let work = self.send_everywhere(&events);
+    /// Delivers a group of one claim to every destination it still needs, renewing the
+    /// lease while that runs (invariant 7), then records the outcomes fenced by the token.
+    async fn deliver(&self, lock_token: Uuid, plan: Plan, events: Vec<Event>) -> BatchReport {
+        let destinations = match plan {
+            Plan::Deliver(destinations) => destinations,
+            Plan::Unrouted(policy) => return self.unrouted(lock_token, policy, &events).await,
+        };
+        let work = self.send_everywhere(&destinations, &events);
         tokio::pin!(work);
         let beat_every = self.relay.lease / 3;
         let mut beat = interval_at(Instant::now() + beat_every, beat_every);
@@ -460,21 +498,34 @@ impl Deliverer {
 
     /// For each destination, the outcomes of the events it still needed (invariant 5:
     /// a destination in `delivered_to` is not sent the event again).
-    async fn send_everywhere(&self, events: &[Event]) -> Vec<(String, Vec<Option<Outcome>>)> {
-        let plans: Vec<(Arc<dyn Sink>, Vec<usize>)> = self
-            .destinations
+    async fn send_everywhere(
+        &self,
+        destinations: &[String],
+        events: &[Event],
+    ) -> Vec<(String, Vec<Option<Outcome>>)> {
+        let plans: Vec<_> = destinations
             .iter()
-            .map(|sink| {
-                let needed = events
+            .map(|name| {
+                let needed: Vec<usize> = events
                     .iter()
                     .enumerate()
-                    .filter(|(_, e)| !e.delivered_to.iter().any(|d| d == sink.name()))
+                    .filter(|(_, e)| !e.delivered_to.iter().any(|d| d == name))
                     .map(|(i, _)| i)
                     .collect();
-                (Arc::clone(sink), needed)
+                (name, self.destinations.get(name), needed)
             })
             .collect();
-        let sends = plans.iter().map(|(sink, needed)| async move {
+        let sends = plans.iter().map(|(name, sink, needed)| async move {
+            let Some(sink) = sink else {
+                let missing = Outcome::Retry {
+                    reason: format!("destination {name} is not configured in this instance"),
+                    not_before: None,
+                };
+                let by_event = (0..events.len())
+                    .map(|i| needed.contains(&i).then(|| missing.clone()))
+                    .collect();
+                return (name.to_string(), by_event);
+            };
             let outcomes = if needed.len() == events.len() {
                 sink.deliver(events).await
             } else if needed.is_empty() {
@@ -495,7 +546,7 @@ impl Deliverer {
                     });
                 }
             }
-            (sink.name().to_string(), by_event)
+            (name.to_string(), by_event)
         });
         join_all(sends).await
     }
@@ -568,6 +619,45 @@ impl Deliverer {
         let buried = persist(|| self.store.bury(lock_token, &bury)).await;
         self.apply("bury", bury.len(), buried);
         BatchReport { retries }
+    }
+
+    /// Events no routing rule matches: dead-lettered or skipped as configured, counted.
+    async fn unrouted(&self, lock_token: Uuid, policy: Unrouted, events: &[Event]) -> BatchReport {
+        self.metrics.unrouted.inc_by(events.len() as u64);
+        match policy {
+            Unrouted::DeadLetter => {
+                let bury: Vec<BuryItem> = events
+                    .iter()
+                    .map(|e| BuryItem {
+                        id: e.id,
+                        created_at: e.created_at,
+                        last_error: format!(
+                            "unrouted: no routing rule matches event_type {:?}; add a rule to [[routing.routes]], then redrive",
+                            e.event_type
+                        ),
+                        acked: Vec::new(),
+                    })
+                    .collect();
+                tracing::warn!(events = bury.len(), "unrouted events moved to dead letters");
+                let buried = persist(|| self.store.bury(lock_token, &bury)).await;
+                self.apply("bury", bury.len(), buried);
+            }
+            Unrouted::Skip => {
+                let complete: Vec<CompleteItem> = events
+                    .iter()
+                    .map(|e| CompleteItem {
+                        id: e.id,
+                        created_at: e.created_at,
+                        acked: Vec::new(),
+                    })
+                    .collect();
+                let completed = persist(|| self.store.complete(lock_token, &complete)).await;
+                self.apply("complete", complete.len(), completed);
+            }
+        }
+        BatchReport {
+            retries: Vec::new(),
+        }
     }
 
     fn count(&self, event: &Event, destination: &str, outcome: &Outcome) {

@@ -7,7 +7,8 @@ use crate::maintenance::{PartitionKeeper, Reaper};
 use crate::metrics::Metrics;
 use crate::relay::Relay;
 use crate::sink::Sink;
-use crate::sink::rabbitmq::RabbitMqSink;
+use crate::sink::rabbitmq::{self, RabbitMqSink};
+use crate::sink::webhook::WebhookSink;
 use crate::store::{Store, StoreError};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 pub enum StartError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("invalid RabbitMQ destination: {0}")]
+    #[error("invalid destination: {0}")]
     Destination(String),
     #[error("{0}")]
     Http(String),
@@ -59,28 +60,44 @@ impl Outboxd {
         if let Err(error) = keeper.run_once().await {
             tracing::error!(%error, "partition upkeep failed at start; producers' rows go to outbox_default meanwhile");
         }
-        let rabbitmq = Arc::new(
-            RabbitMqSink::new(config.rabbitmq.clone(), metrics.clone())
-                .map_err(StartError::Destination)?,
-        );
-        let destinations: Vec<Arc<dyn Sink>> = vec![rabbitmq.clone()];
+        let router = config.router().map_err(StartError::Destination)?;
+        let routed = router.destinations();
+        let mut destinations: Vec<Arc<dyn Sink>> = Vec::new();
+        let rabbitmq = if routed.iter().any(|d| d == rabbitmq::DESTINATION) {
+            let sink = Arc::new(
+                RabbitMqSink::new(config.rabbitmq.clone(), metrics.clone())
+                    .map_err(StartError::Destination)?,
+            );
+            destinations.push(sink.clone());
+            Some(sink)
+        } else {
+            None
+        };
+        for (name, webhook) in &config.webhooks {
+            let sink = WebhookSink::new(name, webhook, metrics.clone())
+                .map_err(|e| StartError::Destination(format!("webhook {name}: {e}")))?;
+            destinations.push(Arc::new(sink));
+        }
 
         let shutdown = CancellationToken::new();
         let (wakes_tx, wakes_rx) = mpsc::unbounded_channel();
         let mut tasks = JoinSet::new();
         // Connect to the broker now, so a wrong URL is reported at start, without
         // holding the start up while it is unreachable.
-        let checking = shutdown.clone();
-        tasks.spawn(async move {
-            tokio::select! {
-                _ = checking.cancelled() => {}
-                checked = rabbitmq.check() => if let Err(error) = checked {
-                    tracing::error!(%error, "RabbitMQ is not reachable at start; events wait in PENDING until it is");
+        if let Some(rabbitmq) = rabbitmq {
+            let checking = shutdown.clone();
+            tasks.spawn(async move {
+                tokio::select! {
+                    _ = checking.cancelled() => {}
+                    checked = rabbitmq.check() => if let Err(error) = checked {
+                        tracing::error!(%error, "RabbitMQ is not reachable at start; events wait in PENDING until it is");
+                    }
                 }
-            }
-        });
+            });
+        }
         let relay = Relay::new(
             store.clone(),
+            router,
             destinations,
             config.relay.clone(),
             config.retry.clone(),

@@ -1,7 +1,10 @@
 //! Destinations. A sink delivers a batch and reports one [`Outcome`] per event; it never
-//! touches the database. Only `sink/rabbitmq.rs` knows the broker.
+//! touches the database. Only `sink/rabbitmq.rs` knows the broker, only
+//! `sink/webhook.rs` speaks HTTP.
 
+pub mod circuit;
 pub mod rabbitmq;
+pub mod webhook;
 
 use crate::event::{Event, Outcome};
 use futures_util::future::BoxFuture;
