@@ -61,7 +61,8 @@ pub struct WebhookConfig {
     /// Consecutive failures that open the circuit.
     #[serde(default = "WebhookConfig::default_failures_to_open")]
     pub failures_to_open: u32,
-    /// How long an open circuit waits before one probe (doubles per failed probe).
+    /// How long an open circuit waits before one probe (doubles per failed probe, up to
+    /// six times this).
     #[serde(with = "duration_text", default = "WebhookConfig::default_cool_down")]
     pub cool_down: Duration,
 }

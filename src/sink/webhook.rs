@@ -205,7 +205,7 @@ impl WebhookSink {
             circuit: Mutex::new(Circuit::new(CircuitSettings {
                 failures_to_open: config.failures_to_open,
                 cool_down: config.cool_down,
-                max_cool_down: (config.cool_down * 12).max(Duration::from_secs(60)),
+                max_cool_down: config.cool_down * 6,
                 probe_timeout: config.timeout + Duration::from_secs(5),
             })),
             metrics,
