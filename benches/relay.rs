@@ -59,6 +59,12 @@ async fn run(settings: Settings) -> bool {
         ok &= complete;
         rates.push(rate);
     }
+    let mut webhook_rates = Vec::new();
+    for _ in 0..settings.runs {
+        let (rate, complete) = webhook_drain(settings.backlog / 5).await;
+        ok &= complete;
+        webhook_rates.push(rate);
+    }
     let mut p50s = Vec::new();
     let mut p99s = Vec::new();
     let mut maxes = Vec::new();
@@ -77,6 +83,15 @@ async fn run(settings: Settings) -> bool {
         format!("backlog drain ({} PENDING events)", settings.backlog),
         settings.runs,
         median(&rates)
+    );
+    println!(
+        "{:<44} {:>6} {:>10.0} ev/s",
+        format!(
+            "webhook drain ({} PENDING events, 1 endpoint)",
+            settings.backlog / 5
+        ),
+        settings.runs,
+        median(&webhook_rates)
     );
     for (name, values) in [("p50", &p50s), ("p99", &p99s), ("max", &maxes)] {
         println!(
@@ -120,6 +135,44 @@ async fn backlog_drain(n: i64) -> (f64, bool) {
     service.stop().await;
     let complete = received.len() >= n as usize;
     (n as f64 / elapsed.as_secs_f64(), complete)
+}
+
+/// `n` events routed to one local webhook endpoint (answering 200 at once), committed
+/// while no outboxd runs: events/s until the endpoint has them all.
+async fn webhook_drain(n: i64) -> (f64, bool) {
+    use support::webhook::{Endpoint, Reply};
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(None).await;
+    let endpoint = Endpoint::start(|_| Reply::ok()).await;
+    let producer = db.client().await;
+    producer
+        .execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             SELECT 'order', g::text, 'order.created', jsonb_build_object('n', g, 'total', 12.5)
+               FROM generate_series(1, $1::int8) AS g",
+            &[&n],
+        )
+        .await
+        .expect("backlog");
+    let mut config = config(&db, &broker);
+    let mut hook = outboxd::config::WebhookConfig::new(
+        endpoint.url(),
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    );
+    hook.max_in_flight = 64;
+    config.webhooks.insert("bench".into(), hook);
+    config.routing.routes = vec![outboxd::config::RouteConfig {
+        event_types: vec!["*".into()],
+        destinations: vec!["webhook:bench".into()],
+    }];
+    let started = Instant::now();
+    let service = Outboxd::start(config).await.expect("start");
+    let hits = endpoint
+        .wait_until(Duration::from_secs(300), |h| h.len() >= n as usize)
+        .await;
+    let elapsed = started.elapsed();
+    service.stop().await;
+    (n as f64 / elapsed.as_secs_f64(), hits.len() >= n as usize)
 }
 
 /// One producer committing single-event transactions at `rate` for `duration`: the
