@@ -77,15 +77,15 @@ async fn run(settings: Settings) -> bool {
         maxes.push(quantile(&latencies, 1.0));
     }
     println!();
-    println!("{:<44} {:>6} {:>14}", "scenario", "runs", "median");
+    println!("{:<52} {:>6} {:>14}", "scenario", "runs", "median");
     println!(
-        "{:<44} {:>6} {:>10.0} ev/s",
+        "{:<52} {:>6} {:>10.0} ev/s",
         format!("backlog drain ({} PENDING events)", settings.backlog),
         settings.runs,
         median(&rates)
     );
     println!(
-        "{:<44} {:>6} {:>10.0} ev/s",
+        "{:<52} {:>6} {:>10.0} ev/s",
         format!(
             "webhook drain ({} PENDING events, 1 endpoint)",
             settings.backlog / 5
@@ -95,7 +95,7 @@ async fn run(settings: Settings) -> bool {
     );
     for (name, values) in [("p50", &p50s), ("p99", &p99s), ("max", &maxes)] {
         println!(
-            "{:<44} {:>6} {:>11.2} ms",
+            "{:<52} {:>6} {:>11.2} ms",
             format!(
                 "commit-to-consume {name} at {} ev/s",
                 settings.rate_per_second

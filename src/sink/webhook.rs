@@ -150,6 +150,8 @@ pub fn body(event: &Event) -> Vec<u8> {
 pub struct WebhookSink {
     name: String,
     url: reqwest::Url,
+    /// The URL without credentials, for logs and `last_error`.
+    shown_url: String,
     keys: Vec<Vec<u8>>,
     timeout: Duration,
     client: reqwest::Client,
@@ -195,8 +197,13 @@ impl WebhookSink {
             .destination_circuit_open
             .with_label_values(&[&destination])
             .set(0);
+        let mut shown = url.clone();
+        if shown.password().is_some() {
+            let _ = shown.set_password(Some("***"));
+        }
         Ok(WebhookSink {
             name: destination,
+            shown_url: shown.to_string(),
             url,
             keys,
             timeout: config.timeout,
@@ -236,7 +243,7 @@ impl WebhookSink {
             .await;
         let mut response = match sent {
             Ok(response) => response,
-            Err(error) => return self.failed_request(&error),
+            Err(error) => return self.failed_request(error),
         };
         let status = response.status().as_u16();
         if (200..300).contains(&status) {
@@ -269,9 +276,11 @@ impl WebhookSink {
         )
     }
 
-    fn failed_request(&self, error: &reqwest::Error) -> Outcome {
+    fn failed_request(&self, error: reqwest::Error) -> Outcome {
+        // The URL may carry credentials: keep it out of logs and `last_error`.
+        let error = error.without_url();
         let mut detail = error.to_string();
-        let mut source = std::error::Error::source(error);
+        let mut source = std::error::Error::source(&error);
         while let Some(inner) = source {
             detail.push_str(": ");
             detail.push_str(&inner.to_string());
@@ -306,7 +315,7 @@ impl WebhookSink {
                 Some((
                     format!(
                         "circuit open: {} is failing; next probe in {:?}",
-                        self.url, retry_in
+                        self.shown_url, retry_in
                     ),
                     retry_in,
                 )),

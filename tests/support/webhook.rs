@@ -82,6 +82,7 @@ pub type Script = Arc<dyn Fn(&Hit) -> Reply + Send + Sync>;
 
 struct Shared {
     hits: Mutex<Vec<Hit>>,
+    tries: Mutex<HashMap<String, usize>>,
     script: Mutex<Script>,
 }
 
@@ -104,6 +105,7 @@ impl Endpoint {
     ) -> Endpoint {
         let shared = Arc::new(Shared {
             hits: Mutex::new(Vec::new()),
+            tries: Mutex::new(HashMap::new()),
             script: Mutex::new(Arc::new(script)),
         });
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
@@ -161,10 +163,12 @@ async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
     let hit = {
         let mut hits = shared.hits.lock().unwrap();
         let id = headers.get("webhook-id").cloned().unwrap_or_default();
-        let earlier_tries = hits
-            .iter()
-            .filter(|h| h.headers.get("webhook-id") == Some(&id))
-            .count();
+        let earlier_tries = {
+            let mut tries = shared.tries.lock().unwrap();
+            let count = tries.entry(id).or_insert(0);
+            *count += 1;
+            *count - 1
+        };
         let hit = Hit {
             json: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
             headers,
