@@ -3,6 +3,7 @@
 
 use crate::config::{Config, ConfigError};
 use crate::service::Outboxd;
+use crate::store::operations::{DeadLetterFilter, RedriveError};
 use crate::store::{Store, connect_once, migrate, partitions};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -51,6 +52,53 @@ pub enum Command {
     },
     /// Events per status, the oldest pending event's age, dead letters.
     Status,
+    /// List, inspect and redrive dead letters.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// Dead letters, newest first (a page at a time).
+    List {
+        /// Only this event type (`*` matches any run of characters: `order.*`).
+        #[arg(long)]
+        event_type: Option<String>,
+        /// Only events created at or after this time (RFC 3339, e.g. 2026-11-24T00:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events created before this time.
+        #[arg(long)]
+        until: Option<String>,
+        /// The next page: ids below this one (printed at the end of a full page).
+        #[arg(long)]
+        before_id: Option<i64>,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One event in full, with its redrive history.
+    Show {
+        id: i64,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters again (attempts reset, same tracking_id, only to destinations
+    /// that never acknowledged them). Recorded with the reason and who asked.
+    Redrive {
+        /// A dead letter's id; repeat for several.
+        #[arg(long = "id", required = true)]
+        ids: Vec<i64>,
+        /// What was fixed, so that the event can pass now (required).
+        #[arg(long)]
+        reason: String,
+        /// Who asks (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
 }
 
 /// A failure with the exit code it maps to.
@@ -140,6 +188,7 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
             run_command(config).await
         }
         Command::Status => status_command(&config).await,
+        Command::DeadLetters(command) => dead_letters_command(&config, command).await,
     }
 }
 
@@ -236,9 +285,7 @@ async fn status_command(config: &Config) -> Result<(), Failure> {
         .find(|r| r.status == "DEAD_LETTER")
         .map_or(0, |r| r.events);
     if dead > 0 {
-        println!(
-            "\n{dead} dead letter(s): SELECT id, tracking_id, event_type, attempts, last_error FROM outbox WHERE status = 'DEAD_LETTER';"
-        );
+        println!("\n{dead} dead letter(s): outboxd dead-letters list");
     }
     let default_rows = store
         .default_partition_rows()
@@ -248,6 +295,148 @@ async fn status_command(config: &Config) -> Result<(), Failure> {
         println!(
             "\nwarning: {default_rows} row(s) in outbox_default (a daily partition was missing); run `outboxd migrate`"
         );
+    }
+    Ok(())
+}
+
+fn parse_time(flag: &str, text: Option<&str>) -> Result<Option<std::time::SystemTime>, Failure> {
+    text.map(|t| {
+        humantime::parse_rfc3339_weak(t).map_err(|_| Failure {
+            code: 2,
+            message: format!("{flag} {t:?} is not a time like 2026-11-24T16:00:00Z"),
+        })
+    })
+    .transpose()
+}
+
+async fn dead_letters_command(config: &Config, command: DeadLettersCommand) -> Result<(), Failure> {
+    let store = Store::connect(config).await.map_err(anyhow::Error::from)?;
+    match command {
+        DeadLettersCommand::List {
+            event_type,
+            since,
+            until,
+            before_id,
+            limit,
+            json,
+        } => {
+            let filter = DeadLetterFilter {
+                event_type,
+                since: parse_time("--since", since.as_deref())?,
+                until: parse_time("--until", until.as_deref())?,
+                before_id,
+                limit,
+            };
+            let items = store
+                .list_dead_letters(&filter)
+                .await
+                .map_err(anyhow::Error::from)?;
+            let next = (items.len() as i64 >= limit.clamp(1, 1000))
+                .then(|| items.last().map(|d| d.id))
+                .flatten();
+            if json {
+                let page = serde_json::json!({ "items": items, "next_before_id": next });
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&page).unwrap_or_default()
+                );
+                return Ok(());
+            }
+            if items.is_empty() {
+                println!("no dead letters");
+                return Ok(());
+            }
+            println!(
+                "{:>10}  {:<24}  {:<28}  {:>8}  last error",
+                "id", "created", "event type", "attempts"
+            );
+            for item in &items {
+                let created = humantime::format_rfc3339_seconds(item.created_at).to_string();
+                let mut error = item
+                    .last_error
+                    .clone()
+                    .unwrap_or_default()
+                    .replace('\n', " ");
+                if error.chars().count() > 100 {
+                    error = error.chars().take(99).collect::<String>() + "…";
+                }
+                println!(
+                    "{:>10}  {:<24}  {:<28}  {:>8}  {}",
+                    item.id, created, item.event_type, item.attempts, error
+                );
+            }
+            if let Some(next) = next {
+                println!("\nmore: outboxd dead-letters list --before-id {next}");
+            }
+        }
+        DeadLettersCommand::Show { id, json } => {
+            let Some(event) = store.show_event(id).await.map_err(anyhow::Error::from)? else {
+                return Err(Failure {
+                    code: 1,
+                    message: format!("no event with id {id}"),
+                });
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&event).unwrap_or_default()
+                );
+                return Ok(());
+            }
+            let time = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
+            println!("id            {}", event.id);
+            println!("tracking_id   {}", event.tracking_id);
+            println!("status        {}", event.status);
+            println!("event_type    {}", event.event_type);
+            println!(
+                "aggregate     {} {}",
+                event.aggregate_type, event.aggregate_id
+            );
+            println!("created_at    {}", time(event.created_at));
+            println!("attempts      {}", event.attempts);
+            println!("delivered_to  {}", event.delivered_to.join(", "));
+            println!(
+                "last_error    {}",
+                event.last_error.as_deref().unwrap_or("-")
+            );
+            println!("payload       {}", event.payload);
+            println!("metadata      {}", event.metadata);
+            for redrive in &event.redrives {
+                println!(
+                    "redriven      {} by {}: {} (had {} attempts; {})",
+                    time(redrive.at),
+                    redrive.by,
+                    redrive.reason,
+                    redrive.attempts,
+                    redrive.last_error.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        DeadLettersCommand::Redrive { ids, reason, by } => {
+            let by = by
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "cli".into());
+            let redriven =
+                store
+                    .redrive(&ids, &reason, &by)
+                    .await
+                    .map_err(|error| match error {
+                        RedriveError::Store(error) => Failure::from(anyhow::Error::from(error)),
+                        refused => Failure {
+                            code: 2,
+                            message: refused.to_string(),
+                        },
+                    })?;
+            let skipped: Vec<i64> = ids
+                .iter()
+                .copied()
+                .filter(|id| !redriven.contains(id))
+                .collect();
+            println!("redriven: {redriven:?}");
+            if !skipped.is_empty() {
+                println!("not dead letters (left alone): {skipped:?}");
+            }
+        }
     }
     Ok(())
 }

@@ -119,14 +119,23 @@ impl std::fmt::Debug for Secret {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Address of `/metrics` and `/healthz`; empty turns the listener off.
+    /// Address of `/metrics`, `/healthz`, `/readyz` and the dead-letter API; empty turns
+    /// the listener off.
     pub listen: String,
+    /// Bearer token the dead-letter API requires; empty turns the API off.
+    pub admin_token: Secret,
+    /// How often the database-wide gauges (pending, oldest age, dead letters, notification
+    /// queue, DEFAULT rows) are read: one statement each time, whatever the scrape rate.
+    #[serde(with = "duration_text")]
+    pub gauge_refresh_interval: Duration,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9187".into(),
+            admin_token: Secret::new(""),
+            gauge_refresh_interval: Duration::from_secs(15),
         }
     }
 }
@@ -467,6 +476,15 @@ impl Config {
         positive("partitions", "check_interval", p.check_interval)?;
 
         let h = &self.http;
+        positive("http", "gauge_refresh_interval", h.gauge_refresh_interval)?;
+        if !h.admin_token.expose().is_empty() && h.admin_token.expose().len() < 16 {
+            return Err(invalid(
+                "http",
+                "admin_token",
+                "***",
+                "is shorter than 16 characters; use a long random token (e.g. openssl rand -hex 32)",
+            ));
+        }
         if !h.listen.is_empty() && h.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid(
                 "http",

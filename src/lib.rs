@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod health;
 pub mod http;
 pub mod listener;
 pub mod maintenance;

@@ -1,8 +1,10 @@
 //! Background upkeep: the reaper (expired leases back to PENDING, every `lease / 2`,
 //! invariant 7) and the partition keeper (daily partitions days ahead, DEFAULT watched).
 
+use crate::health::Health;
 use crate::listener::Wake;
 use crate::metrics::Metrics;
+use crate::store::operations::Gauges;
 use crate::store::partitions::PartitionReport;
 use crate::store::{Reaped, Store, StoreError};
 use std::time::Duration;
@@ -56,6 +58,54 @@ impl Reaper {
             let _ = self.wakes.send(Wake::Ids(reaped.returned.clone()));
         }
         Ok(reaped)
+    }
+}
+
+/// Reads the database-wide gauges on an interval (one statement, not one per scrape)
+/// and tells readiness whether the database answers.
+pub struct GaugeRefresher {
+    store: Store,
+    every: Duration,
+    metrics: Metrics,
+    health: Health,
+}
+
+impl GaugeRefresher {
+    pub fn new(store: Store, every: Duration, metrics: Metrics, health: Health) -> Self {
+        Self {
+            store,
+            every,
+            metrics,
+            health,
+        }
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        every(self.every, &shutdown, "gauge refresh", || self.run_once()).await;
+    }
+
+    pub async fn run_once(&self) -> Result<Gauges, StoreError> {
+        match self.store.gauges().await {
+            Ok(gauges) => {
+                self.metrics.events_pending.set(gauges.pending);
+                self.metrics
+                    .oldest_pending_age
+                    .set(gauges.oldest_pending_age_seconds);
+                self.metrics.events_dead_letter.set(gauges.dead_letters);
+                self.metrics
+                    .notification_queue_usage
+                    .set(gauges.notification_queue_usage);
+                self.metrics
+                    .default_partition_rows
+                    .set(gauges.default_partition_rows);
+                self.health.database_answered();
+                Ok(gauges)
+            }
+            Err(error) => {
+                self.health.database_failed(error.to_string());
+                Err(error)
+            }
+        }
     }
 }
 

@@ -3,8 +3,8 @@
 //! across instances.
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Which sweep found an event.
@@ -41,6 +41,10 @@ pub struct Metrics {
     pub default_partition_rows: IntGauge,
     pub destination_circuit_open: IntGaugeVec,
     pub unrouted: IntCounter,
+    pub events_pending: IntGauge,
+    pub oldest_pending_age: Gauge,
+    pub events_dead_letter: IntGauge,
+    pub notification_queue_usage: Gauge,
 }
 
 impl Default for Metrics {
@@ -130,6 +134,26 @@ impl Metrics {
             "Events no routing rule matched (dead-lettered or skipped, as configured).",
         )
         .expect("metric");
+        let events_pending = IntGauge::new(
+            "outbox_events_pending",
+            "Events PENDING or PROCESSING, counted from the database (all instances).",
+        )
+        .expect("metric");
+        let oldest_pending_age = Gauge::new(
+            "outbox_oldest_pending_age_seconds",
+            "Age of the oldest PENDING or PROCESSING event (0 when none), from the database.",
+        )
+        .expect("metric");
+        let events_dead_letter = IntGauge::new(
+            "outbox_events_dead_letter",
+            "Events in DEAD_LETTER, from the database.",
+        )
+        .expect("metric");
+        let notification_queue_usage = Gauge::new(
+            "outbox_notification_queue_usage_ratio",
+            "pg_notification_queue_usage(): when the queue fills, producers' commits fail.",
+        )
+        .expect("metric");
         for collector in [
             Box::new(published.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(delivery_failures.clone()),
@@ -143,9 +167,20 @@ impl Metrics {
             Box::new(default_partition_rows.clone()),
             Box::new(destination_circuit_open.clone()),
             Box::new(unrouted.clone()),
+            Box::new(events_pending.clone()),
+            Box::new(oldest_pending_age.clone()),
+            Box::new(events_dead_letter.clone()),
+            Box::new(notification_queue_usage.clone()),
         ] {
             registry.register(collector).expect("unique metric names");
         }
+        // CPU, memory and open files of this process (Linux).
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process metrics");
         for kind in [SweepKind::Reconnect, SweepKind::Safety] {
             sweep_recovered.with_label_values(&[kind.label()]);
         }
@@ -163,6 +198,10 @@ impl Metrics {
             default_partition_rows,
             destination_circuit_open,
             unrouted,
+            events_pending,
+            oldest_pending_age,
+            events_dead_letter,
+            notification_queue_usage,
         }
     }
 

@@ -1,9 +1,11 @@
-//! Wires one outboxd instance: store, RabbitMQ destination, listener, relay, reaper and
-//! partition keeper, all ended by one cancellation token.
+//! Wires one outboxd instance: store, destinations, listener, relay, reaper, partition
+//! keeper, gauge refresher and HTTP listener, all ended by one cancellation token.
 
 use crate::config::Config;
+use crate::health::Health;
+use crate::http::AppState;
 use crate::listener::Listener;
-use crate::maintenance::{PartitionKeeper, Reaper};
+use crate::maintenance::{GaugeRefresher, PartitionKeeper, Reaper};
 use crate::metrics::Metrics;
 use crate::relay::Relay;
 use crate::sink::Sink;
@@ -78,6 +80,19 @@ impl Outboxd {
                 .map_err(|e| StartError::Destination(format!("webhook {name}: {e}")))?;
             destinations.push(Arc::new(sink));
         }
+        let health = Health::new(
+            config.http.gauge_refresh_interval,
+            destinations.iter().map(|d| d.name().to_string()).collect(),
+        );
+        let gauges = GaugeRefresher::new(
+            store.clone(),
+            config.http.gauge_refresh_interval,
+            metrics.clone(),
+            health.clone(),
+        );
+        if let Err(error) = gauges.run_once().await {
+            tracing::error!(%error, "could not read the gauges at start");
+        }
 
         let shutdown = CancellationToken::new();
         let (wakes_tx, wakes_rx) = mpsc::unbounded_channel();
@@ -114,10 +129,17 @@ impl Outboxd {
         );
         tasks.spawn(reaper.run(shutdown.clone()));
         tasks.spawn(keeper.run(shutdown.clone()));
+        tasks.spawn(gauges.run(shutdown.clone()));
         let listener = Listener::new(&config, wakes_tx, metrics.clone());
         tasks.spawn(listener.run(shutdown.clone()));
         if let Some(http) = http {
-            tasks.spawn(crate::http::serve(http, metrics.clone(), shutdown.clone()));
+            let state = AppState {
+                metrics: metrics.clone(),
+                health: health.clone(),
+                store: store.clone(),
+                admin_token: config.http.admin_token.clone(),
+            };
+            tasks.spawn(crate::http::serve(http, state, shutdown.clone()));
         }
         Ok(Outboxd {
             metrics,

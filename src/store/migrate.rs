@@ -13,11 +13,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "outbox",
-    sql: include_str!("../../migrations/0001_outbox.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "outbox",
+        sql: include_str!("../../migrations/0001_outbox.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "redrives",
+        sql: include_str!("../../migrations/0002_redrives.sql"),
+    },
+];
 
 /// The advisory lock key migrations (and partition maintenance) take: "outboxd" in ASCII.
 pub const ADVISORY_LOCK_KEY: i64 = 0x006f_7574_626f_7864;

@@ -7,6 +7,7 @@
 //! instance, on whatever host, agrees on.
 
 pub mod migrate;
+pub mod operations;
 pub mod partitions;
 
 use crate::config::{Config, redact};

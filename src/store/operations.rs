@@ -1,0 +1,277 @@
+//! What operators read and do: the database-wide gauges, dead letters listed and shown,
+//! and redrives (each needs a reason and is recorded).
+
+use super::{Store, StoreError};
+use serde::Serialize;
+use std::time::SystemTime;
+
+const GAUGES: &str = include_str!("../../sql/gauges.sql");
+const LIST_DEAD_LETTERS: &str = include_str!("../../sql/list_dead_letters.sql");
+const SHOW_EVENT: &str = include_str!("../../sql/show_event.sql");
+const LIST_REDRIVES: &str = include_str!("../../sql/list_redrives.sql");
+const REDRIVE: &str = include_str!("../../sql/redrive.sql");
+
+/// Numbers true across every instance, read from the database.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gauges {
+    pub pending: i64,
+    pub oldest_pending_age_seconds: f64,
+    pub dead_letters: i64,
+    pub notification_queue_usage: f64,
+    pub default_partition_rows: i64,
+}
+
+/// Which dead letters to list.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeadLetterFilter {
+    /// An event type, `*` standing for any run of characters.
+    pub event_type: Option<String>,
+    pub since: Option<SystemTime>,
+    pub until: Option<SystemTime>,
+    /// Only ids below this one: the previous page's `next_before_id`.
+    pub before_id: Option<i64>,
+    pub limit: i64,
+}
+
+/// One dead letter in a listing.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    #[serde(serialize_with = "rfc3339")]
+    pub created_at: SystemTime,
+    pub tracking_id: uuid::Uuid,
+    pub event_type: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub attempts: i32,
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub dead_since: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub delivered_to: Vec<String>,
+}
+
+/// One event in full, with its redrive history.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventDetail {
+    pub id: i64,
+    #[serde(serialize_with = "rfc3339")]
+    pub created_at: SystemTime,
+    pub tracking_id: uuid::Uuid,
+    pub status: String,
+    pub event_type: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub payload: serde_json::Value,
+    pub metadata: serde_json::Value,
+    pub attempts: i32,
+    pub max_attempts: Option<i32>,
+    #[serde(serialize_with = "rfc3339")]
+    pub next_attempt_at: SystemTime,
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub processed_at: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub delivered_to: Vec<String>,
+    pub redrives: Vec<Redrive>,
+}
+
+/// A recorded redrive.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Redrive {
+    pub reason: String,
+    pub by: String,
+    #[serde(serialize_with = "rfc3339")]
+    pub at: SystemTime,
+    /// The error the event had when it was sent again.
+    pub last_error: Option<String>,
+    pub attempts: i32,
+}
+
+/// Why a redrive was refused before touching anything.
+#[derive(Debug, thiserror::Error)]
+pub enum RedriveError {
+    #[error(
+        "a redrive needs a reason (what was fixed, so the event can pass now): give --reason \"...\""
+    )]
+    NoReason,
+    #[error("a redrive needs to know who asked for it: give --by NAME")]
+    NoRequester,
+    #[error("name at least one dead letter to redrive: --id ID")]
+    NoIds,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn rfc3339<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_rfc3339_millis(*time).to_string())
+}
+
+fn rfc3339_opt<S: serde::Serializer>(time: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match time {
+        Some(time) => rfc3339(time, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// `order.*` as a LIKE pattern: `%` and `_` taken literally, `*` any run of characters.
+pub fn like_pattern(pattern: &str) -> String {
+    let mut like = String::with_capacity(pattern.len());
+    for c in pattern.chars() {
+        match c {
+            '\\' | '%' | '_' => {
+                like.push('\\');
+                like.push(c);
+            }
+            '*' => like.push('%'),
+            other => like.push(other),
+        }
+    }
+    like
+}
+
+impl Store {
+    /// The gauges, in one statement.
+    pub async fn gauges(&self) -> Result<Gauges, StoreError> {
+        let client = self.pooled().await?;
+        let statement = client
+            .prepare_cached(GAUGES)
+            .await
+            .map_err(StoreError::query("gauges"))?;
+        let row = client
+            .query_one(&statement, &[])
+            .await
+            .map_err(StoreError::query("gauges"))?;
+        Ok(Gauges {
+            pending: row.get(0),
+            oldest_pending_age_seconds: row.get(1),
+            dead_letters: row.get(2),
+            notification_queue_usage: row.get(3),
+            default_partition_rows: row.get(4),
+        })
+    }
+
+    /// Dead letters, newest first.
+    pub async fn list_dead_letters(
+        &self,
+        filter: &DeadLetterFilter,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let client = self.pooled().await?;
+        let pattern = filter.event_type.as_deref().map(like_pattern);
+        let rows = client
+            .query(
+                LIST_DEAD_LETTERS,
+                &[
+                    &pattern,
+                    &filter.since,
+                    &filter.until,
+                    &filter.before_id,
+                    &filter.limit.clamp(1, 1000),
+                ],
+            )
+            .await
+            .map_err(StoreError::query("list_dead_letters"))?;
+        Ok(rows
+            .iter()
+            .map(|r| DeadLetter {
+                id: r.get(0),
+                created_at: r.get(1),
+                tracking_id: r.get(2),
+                event_type: r.get(3),
+                aggregate_type: r.get(4),
+                aggregate_id: r.get(5),
+                attempts: r.get(6),
+                dead_since: r.get(7),
+                last_error: r.get(8),
+                delivered_to: r.get(9),
+            })
+            .collect())
+    }
+
+    /// One event in full (any status), or `None`.
+    pub async fn show_event(&self, id: i64) -> Result<Option<EventDetail>, StoreError> {
+        let client = self.pooled().await?;
+        let Some(r) = client
+            .query_opt(SHOW_EVENT, &[&id])
+            .await
+            .map_err(StoreError::query("show_event"))?
+        else {
+            return Ok(None);
+        };
+        let redrives = client
+            .query(LIST_REDRIVES, &[&id])
+            .await
+            .map_err(StoreError::query("list_redrives"))?
+            .iter()
+            .map(|h| Redrive {
+                reason: h.get(0),
+                by: h.get(1),
+                at: h.get(2),
+                last_error: h.get(3),
+                attempts: h.get(4),
+            })
+            .collect();
+        let json = |text: String| serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+        Ok(Some(EventDetail {
+            id: r.get(0),
+            created_at: r.get(1),
+            tracking_id: r.get(2),
+            status: r.get(3),
+            event_type: r.get(4),
+            aggregate_type: r.get(5),
+            aggregate_id: r.get(6),
+            payload: json(r.get(7)),
+            metadata: json(r.get(8)),
+            attempts: r.get(9),
+            max_attempts: r.get(10),
+            next_attempt_at: r.get(11),
+            processed_at: r.get(12),
+            last_error: r.get(13),
+            delivered_to: r.get(14),
+            redrives,
+        }))
+    }
+
+    /// redrive: dead letters back to PENDING, recorded with `reason` and `by`.
+    /// Returns the ids sent again (ids that are not dead letters are left alone).
+    pub async fn redrive(
+        &self,
+        ids: &[i64],
+        reason: &str,
+        by: &str,
+    ) -> Result<Vec<i64>, RedriveError> {
+        if reason.trim().is_empty() {
+            return Err(RedriveError::NoReason);
+        }
+        if by.trim().is_empty() {
+            return Err(RedriveError::NoRequester);
+        }
+        if ids.is_empty() {
+            return Err(RedriveError::NoIds);
+        }
+        let client = self.pooled().await?;
+        let rows = client
+            .query(REDRIVE, &[&ids, &reason.trim(), &by.trim()])
+            .await
+            .map_err(StoreError::query("redrive"))?;
+        let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        tracing::info!(
+            ?ids,
+            reason = reason.trim(),
+            by = by.trim(),
+            "dead letters redriven"
+        );
+        Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_type_patterns_become_like_patterns() {
+        assert_eq!(like_pattern("order.*"), "order.%");
+        assert_eq!(like_pattern("order_created"), "order\\_created");
+        assert_eq!(like_pattern("100%"), "100\\%");
+        assert_eq!(like_pattern("*"), "%");
+    }
+}
