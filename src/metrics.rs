@@ -29,6 +29,7 @@ impl SweepKind {
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    names: std::sync::Arc<Vec<String>>,
     pub published: IntCounterVec,
     pub delivery_failures: IntCounterVec,
     pub reaped: IntCounter,
@@ -154,6 +155,7 @@ impl Metrics {
             "pg_notification_queue_usage(): when the queue fills, producers' commits fail.",
         )
         .expect("metric");
+        let mut names = Vec::new();
         for collector in [
             Box::new(published.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(delivery_failures.clone()),
@@ -172,20 +174,22 @@ impl Metrics {
             Box::new(events_dead_letter.clone()),
             Box::new(notification_queue_usage.clone()),
         ] {
-            registry.register(collector).expect("unique metric names");
+            register(&registry, &mut names, collector);
         }
         // CPU, memory and open files of this process (Linux).
         #[cfg(target_os = "linux")]
-        registry
-            .register(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ))
-            .expect("process metrics");
+        register(
+            &registry,
+            &mut names,
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+        );
         for kind in [SweepKind::Reconnect, SweepKind::Safety] {
             sweep_recovered.with_label_values(&[kind.label()]);
         }
+        names.sort();
         Self {
             registry,
+            names: std::sync::Arc::new(names),
             published,
             delivery_failures,
             reaped,
@@ -205,6 +209,12 @@ impl Metrics {
         }
     }
 
+    /// The name of every metric this instance exports (histograms without their
+    /// `_bucket`/`_sum`/`_count` suffixes).
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
     /// Events recovered by `kind` of sweep so far.
     pub fn recovered(&self, kind: SweepKind) -> u64 {
         self.sweep_recovered
@@ -218,4 +228,13 @@ impl Metrics {
             .encode_to_string(&self.registry.gather())
             .unwrap_or_default()
     }
+}
+
+fn register(
+    registry: &Registry,
+    names: &mut Vec<String>,
+    collector: Box<dyn prometheus::core::Collector>,
+) {
+    names.extend(collector.desc().iter().map(|d| d.fq_name.clone()));
+    registry.register(collector).expect("unique metric names");
 }

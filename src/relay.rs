@@ -317,7 +317,12 @@ impl Relay {
                 } else {
                     Duration::ZERO
                 };
-                match d.store.claim_due(batch, grace, d.relay.lease).await {
+                let claimed = if sweep == Sweep::Retry {
+                    d.store.claim_due_retries(batch, d.relay.lease).await
+                } else {
+                    d.store.claim_due(batch, grace, d.relay.lease).await
+                };
+                match claimed {
                     Ok(claim) => {
                         if claim.events.len() < batch {
                             state.sweep = None;

@@ -291,6 +291,27 @@ impl Store {
         grace: Duration,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
+        self.claim_due_where(limit, grace, lease, false).await
+    }
+
+    /// claim: lease up to `limit` due retries (events a failed or deferred attempt
+    /// rescheduled), for the retry timer.
+    pub async fn claim_due_retries(
+        &self,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        self.claim_due_where(limit, Duration::ZERO, lease, true)
+            .await
+    }
+
+    async fn claim_due_where(
+        &self,
+        limit: usize,
+        grace: Duration,
+        lease: Duration,
+        retries_only: bool,
+    ) -> Result<Claim, StoreError> {
         let token = Uuid::new_v4();
         let client = self.client().await?;
         let statement = client
@@ -305,6 +326,7 @@ impl Store {
                     &grace.as_secs_f64(),
                     &lease.as_secs_f64(),
                     &token,
+                    &retries_only,
                 ],
             )
             .await

@@ -8,9 +8,28 @@ pub mod webhook;
 
 /// A plain HTTP GET on 127.0.0.1 (status code, body).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, &[], None).await
+}
+
+/// An HTTP/1.1 request on 127.0.0.1 (status code, body).
+pub async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() {
+        request.push_str("Content-Type: application/json\r\n");
+    }
+    request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
@@ -24,6 +43,26 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// promtool: `$PROMTOOL`, then the copy `.ci/run` unpacks under target/tools, then PATH.
+pub fn promtool() -> std::path::PathBuf {
+    if let Ok(path) = std::env::var("PROMTOOL") {
+        return path.into();
+    }
+    let unpacked =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/usr/bin/promtool");
+    if unpacked.exists() {
+        return unpacked;
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("promtool"))
+            .find(|candidate| candidate.exists())
+    });
+    found.expect(
+        "promtool not found: run `bash .ci/run` once (it unpacks Debian's prometheus package into target/tools), or set PROMTOOL",
+    )
 }
 
 use futures_util::StreamExt;
