@@ -118,16 +118,7 @@ fn config(db: &TestDb, broker: &TestBroker) -> outboxd::Config {
 async fn backlog_drain(n: i64) -> (f64, bool) {
     let db = TestDb::new().await;
     let broker = TestBroker::new(Some("#")).await;
-    let producer = db.client().await;
-    producer
-        .execute(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
-             SELECT 'order', g::text, 'order.created', jsonb_build_object('n', g, 'total', 12.5)
-               FROM generate_series(1, $1::int8) AS g",
-            &[&n],
-        )
-        .await
-        .expect("backlog");
+    db.insert_backlog(n).await;
     let started = Instant::now();
     let service = Outboxd::start(config(&db, &broker)).await.expect("start");
     let received = broker.wait_for(n as usize, Duration::from_secs(300)).await;
@@ -144,16 +135,7 @@ async fn webhook_drain(n: i64) -> (f64, bool) {
     let db = TestDb::new().await;
     let broker = TestBroker::new(None).await;
     let endpoint = Endpoint::start(|_| Reply::ok()).await;
-    let producer = db.client().await;
-    producer
-        .execute(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
-             SELECT 'order', g::text, 'order.created', jsonb_build_object('n', g, 'total', 12.5)
-               FROM generate_series(1, $1::int8) AS g",
-            &[&n],
-        )
-        .await
-        .expect("backlog");
+    db.insert_backlog(n).await;
     let mut config = config(&db, &broker);
     let mut hook = outboxd::config::WebhookConfig::new(
         endpoint.url(),

@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("invalid destination: {0}")]
     Destination(String),
@@ -41,6 +43,7 @@ pub struct Outboxd {
 impl Outboxd {
     /// Connects, checks the schema, brings partitions up to date and starts every loop.
     pub async fn start(config: Config) -> Result<Outboxd, StartError> {
+        config.validate()?;
         let metrics = Metrics::new();
         let store = Store::connect(&config).await?;
         let http = if config.http.listen.is_empty() {

@@ -8,11 +8,11 @@ mod support;
 
 use outboxd::metrics::SweepKind;
 use outboxd::store::{BuryItem, CompleteItem, RetryItem};
-use outboxd::{NewEvent, Outboxd, enqueue, enqueue_many};
+use outboxd::{NewEvent, enqueue, enqueue_many};
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime};
-use support::{TestBroker, TestDb, config, store};
+use support::{TestBroker, TestDb, config, start, store};
 use uuid::Uuid;
 
 async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
@@ -24,18 +24,6 @@ async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> b
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     true
-}
-
-async fn started(config: outboxd::Config) -> Outboxd {
-    let service = Outboxd::start(config).await.unwrap();
-    let metrics = service.metrics().clone();
-    assert!(
-        wait_until(Duration::from_secs(10), || metrics.listener_connected.get()
-            == 1)
-        .await,
-        "listener did not connect"
-    );
-    service
 }
 
 fn order_event(i: usize) -> NewEvent {
@@ -51,7 +39,7 @@ fn order_event(i: usize) -> NewEvent {
 async fn committed_event_is_consumed_once_and_rolled_back_event_never() {
     let db = TestDb::new().await;
     let broker = TestBroker::new(Some("#")).await;
-    let service = started(config(&db, &broker)).await;
+    let service = start(config(&db, &broker)).await;
     let mut producer = db.client().await;
 
     let tx = producer.transaction().await.unwrap();
@@ -141,7 +129,7 @@ async fn ten_thousand_events_from_eight_producers_all_arrive_by_push_alone() {
     const PER_PRODUCER: usize = 1250;
     let db = TestDb::new().await;
     let broker = TestBroker::new(Some("#")).await;
-    let service = started(config(&db, &broker)).await;
+    let service = start(config(&db, &broker)).await;
 
     let started_at = Instant::now();
     let mut producers = Vec::new();
@@ -243,33 +231,13 @@ async fn no_event_lost_when_listener_reconnects() {
     const K: usize = 40;
     let db = TestDb::new().await;
     let broker = TestBroker::new(Some("#")).await;
-    let service = started(config(&db, &broker)).await;
+    let service = start(config(&db, &broker)).await;
     let metrics = service.metrics().clone();
     let reconnect_before = metrics.recovered(SweepKind::Reconnect);
     // Opened before the database refuses new connections.
     let producer = db.client().await;
-    let admin = tokio_postgres::connect(support::ADMIN_URL, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(admin.1);
-    let admin = admin.0;
-
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {} ALLOW_CONNECTIONS false",
-            db.name
-        ))
-        .await
-        .unwrap();
-    let killed = admin
-        .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-              WHERE datname = $1 AND application_name = 'outboxd-listener'",
-            &[&db.name],
-        )
-        .await
-        .unwrap();
-    assert_eq!(killed.len(), 1, "one listener backend");
+    let killed = db.cut_listener().await;
+    assert_eq!(killed, 1, "one listener backend");
     assert!(
         wait_until(Duration::from_secs(10), || metrics.listener_connected.get()
             == 0)
@@ -291,13 +259,7 @@ async fn no_event_lost_when_listener_reconnects() {
         "nothing is delivered while nobody listens"
     );
 
-    admin
-        .batch_execute(&format!(
-            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
-            db.name
-        ))
-        .await
-        .unwrap();
+    db.allow_connections().await;
     let received = broker.wait_for(K, Duration::from_secs(20)).await;
     let consumed: HashSet<String> = received.iter().map(|m| m.message_id.clone()).collect();
     assert_eq!(consumed, inserted);
@@ -335,7 +297,7 @@ async fn expired_lease_is_reaped_and_stale_token_is_fenced() {
         .unwrap();
     assert_eq!(stale.events.len(), K);
 
-    let service = started(config).await;
+    let service = start(config).await;
     let received = broker.wait_for(K, Duration::from_secs(15)).await;
     let consumed: HashSet<String> = received.iter().map(|m| m.message_id.clone()).collect();
     assert_eq!(consumed, inserted, "the reaped events are delivered");
@@ -418,7 +380,7 @@ async fn unroutable_event_retries_with_growing_delays_then_dead_letters() {
     config.retry.max_attempts = 3;
     config.retry.base_delay = Duration::from_millis(400);
     config.retry.max_delay = Duration::from_secs(10);
-    let service = started(config).await;
+    let service = start(config).await;
     let producer = db.client().await;
     let tracking_id = enqueue(&producer, &order_event(1)).await.unwrap();
 
@@ -478,8 +440,8 @@ async fn two_relays_share_the_work_without_duplicates() {
     const N: usize = 2000;
     let db = TestDb::new().await;
     let broker = TestBroker::new(Some("#")).await;
-    let first = started(config(&db, &broker)).await;
-    let second = started(config(&db, &broker)).await;
+    let first = start(config(&db, &broker)).await;
+    let second = start(config(&db, &broker)).await;
 
     let mut producers = Vec::new();
     for p in 0..4 {
@@ -536,7 +498,7 @@ async fn one_bulk_insert_sends_one_notification_not_one_per_row() {
     const N: i64 = 5000;
     let db = TestDb::new().await;
     let broker = TestBroker::new(Some("#")).await;
-    let service = started(config(&db, &broker)).await;
+    let service = start(config(&db, &broker)).await;
     let producer = db.client().await;
     let inserted = producer
         .execute(
@@ -567,7 +529,7 @@ async fn one_bulk_insert_sends_one_notification_not_one_per_row() {
 async fn partitions_exist_a_week_ahead_and_rows_beyond_them_are_still_delivered() {
     let db = TestDb::new().await;
     let broker = TestBroker::new(Some("#")).await;
-    let service = started(config(&db, &broker)).await;
+    let service = start(config(&db, &broker)).await;
     let producer = db.client().await;
     let missing: Vec<String> = producer
         .query(
@@ -629,7 +591,7 @@ async fn safety_sweep_recovers_an_event_whose_notification_was_lost() {
     let mut config = config(&db, &broker);
     config.relay.safety_sweep_interval = Duration::from_secs(1);
     config.relay.safety_sweep_grace = Duration::from_millis(500);
-    let service = started(config).await;
+    let service = start(config).await;
     let producer = db.client().await;
     let tracking_id = insert_unannounced(&producer).await;
 
@@ -653,7 +615,7 @@ async fn safety_sweep_recovers_an_event_whose_notification_was_lost() {
 async fn malformed_notification_is_answered_with_a_sweep() {
     let db = TestDb::new().await;
     let broker = TestBroker::new(Some("#")).await;
-    let service = started(config(&db, &broker)).await;
+    let service = start(config(&db, &broker)).await;
     let producer = db.client().await;
     let tracking_id = insert_unannounced(&producer).await;
     producer
@@ -680,7 +642,7 @@ async fn retries_of_events_failing_at_different_times_each_fire_on_time() {
     let mut config = config(&db, &broker);
     config.retry.max_attempts = 2;
     config.retry.base_delay = Duration::from_millis(400);
-    let service = started(config).await;
+    let service = start(config).await;
     let producer = db.client().await;
     enqueue(&producer, &order_event(1)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -713,7 +675,7 @@ async fn lease_is_renewed_while_a_delivery_runs() {
     config.rabbitmq.confirm_timeout = Duration::from_secs(60);
     config.relay.lease = Duration::from_secs(2);
     config.relay.shutdown_grace = Duration::from_millis(200);
-    let service = started(config).await;
+    let service = start(config).await;
     let producer = db.client().await;
     let tracking_id = enqueue(&producer, &order_event(1)).await.unwrap();
 
@@ -756,7 +718,7 @@ async fn idle_listener_pings_and_keeps_its_connection() {
     let broker = TestBroker::new(Some("#")).await;
     let mut config = config(&db, &broker);
     config.listener.ping_interval = Duration::from_millis(100);
-    let service = started(config).await;
+    let service = start(config).await;
     let admin = db.client().await;
     let listener_pid = || async {
         admin
@@ -803,7 +765,7 @@ async fn broker_outage_defers_events_without_charging_attempts() {
     config.rabbitmq.reconnect_max_delay = Duration::from_millis(300);
     config.retry.max_attempts = 2;
     config.retry.base_delay = Duration::from_millis(100);
-    let service = started(config).await;
+    let service = start(config).await;
     let metrics = service.metrics().clone();
     let producer = db.client().await;
     let mut inserted = HashSet::new();

@@ -7,11 +7,11 @@ mod support;
 
 use outboxd::config::{RouteConfig, WebhookConfig};
 use outboxd::routing::Unrouted;
-use outboxd::{Config, NewEvent, Outboxd, enqueue};
+use outboxd::{Config, NewEvent, enqueue};
 use serde_json::json;
 use std::time::{Duration, Instant};
 use support::webhook::{Endpoint, Hit, Reply, verify_with_standardwebhooks};
-use support::{TestBroker, TestDb};
+use support::{TestBroker, TestDb, start};
 use uuid::Uuid;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -33,17 +33,6 @@ fn webhook(endpoint: &Endpoint) -> WebhookConfig {
 fn fast_retries(config: &mut Config) {
     config.retry.base_delay = Duration::from_millis(100);
     config.retry.max_delay = Duration::from_secs(5);
-}
-
-async fn start(config: Config) -> Outboxd {
-    config.validate().unwrap();
-    let service = Outboxd::start(config).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while service.metrics().listener_connected.get() != 1 {
-        assert!(Instant::now() < deadline, "listener did not connect");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    service
 }
 
 fn event(event_type: &str, n: usize) -> NewEvent {

@@ -156,6 +156,54 @@ impl TestDb {
             .get(0)
     }
 
+    /// Refuses new connections to this database and terminates outboxd's listener
+    /// backend: the listener is down until [`TestDb::allow_connections`]. Returns how
+    /// many listener backends were terminated.
+    pub async fn cut_listener(&self) -> usize {
+        let admin = admin().await;
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {} ALLOW_CONNECTIONS false",
+                self.name
+            ))
+            .await
+            .unwrap();
+        admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                  WHERE datname = $1 AND application_name = 'outboxd-listener'",
+                &[&self.name],
+            )
+            .await
+            .unwrap()
+            .len()
+    }
+
+    pub async fn allow_connections(&self) {
+        admin()
+            .await
+            .batch_execute(&format!(
+                "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+                self.name
+            ))
+            .await
+            .unwrap();
+    }
+
+    /// `n` events committed in one INSERT (typically while no outboxd runs).
+    pub async fn insert_backlog(&self, n: i64) {
+        self.client()
+            .await
+            .execute(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                 SELECT 'order', g::text, 'order.created', jsonb_build_object('n', g, 'total', 12.5)
+                   FROM generate_series(1, $1::int8) AS g",
+                &[&n],
+            )
+            .await
+            .unwrap();
+    }
+
     /// Waits until no row is PENDING or PROCESSING (or the timeout passes).
     pub async fn wait_settled(&self, timeout: Duration) -> bool {
         let client = self.client().await;
@@ -392,6 +440,17 @@ pub fn config(db: &TestDb, broker: &TestBroker) -> Config {
     config.http.listen = "127.0.0.1:0".into();
     config.validate().unwrap();
     config
+}
+
+/// Starts an instance and waits until its listener is connected.
+pub async fn start(config: Config) -> outboxd::Outboxd {
+    let service = outboxd::Outboxd::start(config).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while service.metrics().listener_connected.get() != 1 {
+        assert!(Instant::now() < deadline, "listener did not connect");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    service
 }
 
 /// A store on `db`, for tests that act as a (crashing) worker.

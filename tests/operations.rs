@@ -1,0 +1,674 @@
+//! What operators rely on: `/metrics` that promtool accepts and whose counters move by
+//! the right amounts, gauges true across instances, `/readyz` naming what is down, alert
+//! rules and the dashboard naming only exported metrics, and dead letters that are
+//! redriven only with a reason, on the record, through an API that needs the token.
+
+mod support;
+
+use outboxd::config::{RouteConfig, WebhookConfig};
+use outboxd::metrics::SweepKind;
+use outboxd::{NewEvent, enqueue};
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use support::webhook::{Endpoint, Hit, Reply};
+use support::{TestBroker, TestDb, http_get, http_request, promtool, start};
+
+const TOKEN: &str = "test-admin-token-0123456789abcdef";
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The value of one sample line of a Prometheus exposition, e.g.
+/// `outbox_events_published_total{destination="rabbitmq"}`.
+fn sample(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{exposition}"))
+}
+
+/// Metric names in a PromQL expression or a rules file.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut current = String::new();
+    for c in text.chars().chain(std::iter::once(' ')) {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            current.push(c);
+            continue;
+        }
+        if current.starts_with("outbox_") || current.starts_with("process_") {
+            let name = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| current.strip_suffix(suffix))
+                .unwrap_or(&current)
+                .to_string();
+            names.insert(name);
+        }
+        current.clear();
+    }
+    names
+}
+
+fn exported_names() -> BTreeSet<String> {
+    outboxd::metrics::Metrics::new()
+        .names()
+        .iter()
+        .cloned()
+        .collect()
+}
+
+fn docs(file: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("docs")
+        .join(file);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_counters_move_by_the_right_amounts() {
+    const DELIVERED: usize = 5;
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    // retry once (503), then fine; 400 for "order.invalid"
+    let hook = Endpoint::start(|hit: &Hit| match (hit.event_type(), hit.earlier_tries) {
+        ("order.invalid", _) => Reply::status(400).with_body("invalid"),
+        ("order.flaky", 0) => Reply::status(503),
+        _ => Reply::ok(),
+    })
+    .await;
+    // An endpoint nobody listens on: its circuit opens and its events are deferred.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut config = support::config(&db, &broker);
+    config.retry.base_delay = Duration::from_millis(100);
+    config.relay.lease = Duration::from_secs(2);
+    config.relay.safety_sweep_interval = Duration::from_secs(1);
+    config.relay.safety_sweep_grace = Duration::from_millis(300);
+    config.http.gauge_refresh_interval = Duration::from_millis(200);
+    config
+        .webhooks
+        .insert("hook".into(), WebhookConfig::new(hook.url(), SECRET));
+    let mut unreachable = WebhookConfig::new(format!("http://{gone}/"), SECRET);
+    unreachable.failures_to_open = 1;
+    config.webhooks.insert("gone".into(), unreachable);
+    config.routing.routes = vec![
+        RouteConfig {
+            event_types: vec!["order.created".into()],
+            destinations: vec!["rabbitmq".into()],
+        },
+        RouteConfig {
+            event_types: vec!["order.invalid".into(), "order.flaky".into()],
+            destinations: vec!["webhook:hook".into()],
+        },
+        RouteConfig {
+            event_types: vec!["order.lost".into()],
+            destinations: vec!["webhook:gone".into()],
+        },
+    ];
+    // A crashed worker's claim, for the reaper.
+    let producer = db.client().await;
+    enqueue(
+        &producer,
+        &NewEvent::new("order", "0", "order.created", json!({})),
+    )
+    .await
+    .unwrap();
+    let worker = support::store(&config).await;
+    assert_eq!(
+        worker
+            .claim_due(10, Duration::ZERO, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .events
+            .len(),
+        1
+    );
+
+    let service = start(config).await;
+    let metrics = service.metrics().clone();
+    for n in 1..DELIVERED {
+        enqueue(
+            &producer,
+            &NewEvent::new("order", n.to_string(), "order.created", json!({})),
+        )
+        .await
+        .unwrap();
+    }
+    enqueue(
+        &producer,
+        &NewEvent::new("order", "i", "order.invalid", json!({})),
+    )
+    .await
+    .unwrap();
+    enqueue(
+        &producer,
+        &NewEvent::new("order", "f", "order.flaky", json!({})),
+    )
+    .await
+    .unwrap();
+    enqueue(
+        &producer,
+        &NewEvent::new("order", "l", "order.lost", json!({})),
+    )
+    .await
+    .unwrap();
+    enqueue(
+        &producer,
+        &NewEvent::new("user", "u", "user.created", json!({})),
+    )
+    .await
+    .unwrap();
+    producer
+        .batch_execute("SET session_replication_role = replica")
+        .await
+        .unwrap();
+    enqueue(
+        &producer,
+        &NewEvent::new("order", "s", "order.flaky", json!({})),
+    )
+    .await
+    .unwrap();
+    producer
+        .batch_execute("SET session_replication_role = origin")
+        .await
+        .unwrap();
+
+    let settled = eventually(Duration::from_secs(20), async || {
+        let published = metrics.published.with_label_values(&["rabbitmq"]).get();
+        let deferred = metrics
+            .delivery_failures
+            .with_label_values(&["webhook:gone", "deferred"])
+            .get();
+        published == DELIVERED as u64
+            && metrics.published.with_label_values(&["webhook:hook"]).get() == 2
+            && deferred > 0
+            && metrics.recovered(SweepKind::Safety) == 1
+            && metrics.events_dead_letter.get() == 2
+    })
+    .await;
+    let (status, exposition) = http_get(service.http_addr().unwrap(), "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(settled, "traffic did not settle:\n{exposition}");
+
+    println!("{exposition}");
+    let s = |series: &str| sample(&exposition, series);
+    assert_eq!(
+        s("outbox_events_published_total{destination=\"rabbitmq\"}"),
+        DELIVERED as f64
+    );
+    assert_eq!(
+        s("outbox_events_published_total{destination=\"webhook:hook\"}"),
+        2.0
+    );
+    assert_eq!(
+        s("outbox_delivery_failures_total{destination=\"webhook:hook\",kind=\"retry\"}"),
+        2.0
+    );
+    assert_eq!(
+        s("outbox_delivery_failures_total{destination=\"webhook:hook\",kind=\"rejected\"}"),
+        1.0
+    );
+    assert!(
+        s("outbox_delivery_failures_total{destination=\"webhook:gone\",kind=\"retry\"}") >= 1.0
+    );
+    assert!(
+        s("outbox_delivery_failures_total{destination=\"webhook:gone\",kind=\"deferred\"}") >= 1.0
+    );
+    assert_eq!(
+        s("outbox_destination_circuit_open{destination=\"webhook:gone\"}"),
+        1.0
+    );
+    assert_eq!(s("outbox_events_reaped_total"), 1.0);
+    assert_eq!(s("outbox_sweep_recovered_total{sweep=\"safety\"}"), 1.0);
+    assert_eq!(s("outbox_events_unrouted_total"), 1.0);
+    assert_eq!(
+        s("outbox_events_dead_letter"),
+        2.0,
+        "the 400 and the unrouted one"
+    );
+    assert!(s("outbox_events_pending") >= 1.0, "the deferred one");
+    assert!(s("outbox_oldest_pending_age_seconds") > 0.0);
+    assert_eq!(
+        s("outbox_delivery_latency_seconds_count"),
+        (DELIVERED + 2) as f64
+    );
+    assert_eq!(s("outbox_listener_connected"), 1.0);
+    assert!(s("outbox_notifications_total") >= 8.0);
+    assert_eq!(s("outbox_notification_queue_usage_ratio"), 0.0);
+    assert_eq!(s("outbox_default_partition_rows"), 0.0);
+    assert!(s("process_resident_memory_bytes") > 0.0);
+    for name in exported_names() {
+        assert!(
+            exposition.contains(&format!("# TYPE {name} ")),
+            "{name} is exported"
+        );
+    }
+
+    let dir = std::env::temp_dir().join(format!("outboxd-metrics-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("metrics.txt");
+    std::fs::write(&path, &exposition).unwrap();
+    let checked = Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&path).unwrap())
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    service.stop().await;
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_name_only_exported_metrics() {
+    let docs_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts.test.yml"],
+    ] {
+        let output = Command::new(promtool())
+            .args(args)
+            .current_dir(&docs_dir)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let rules = docs("alerts.yml");
+    let named = metric_names(&rules);
+    assert!(named.len() >= 8, "{named:?}");
+    let exported = exported_names();
+    let unknown: Vec<&String> = named.difference(&exported).collect();
+    assert!(
+        unknown.is_empty(),
+        "alerts name metrics /metrics does not export: {unknown:?}"
+    );
+    // Every alert points at a runbook that exists.
+    let operations = docs("operations.md").to_lowercase();
+    for line in rules.lines().filter(|l| l.contains("runbook_url")) {
+        let anchor = line
+            .rsplit('#')
+            .next()
+            .unwrap()
+            .trim()
+            .trim_matches(['"', '\'']);
+        let heading_words = anchor.replace('-', " ");
+        assert!(
+            operations.lines().any(|l| l.starts_with('#') && {
+                let text: String = l
+                    .trim_start_matches('#')
+                    .trim()
+                    .chars()
+                    .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-' || *c == '_')
+                    .collect();
+                text.replace('-', " ") == heading_words
+            }),
+            "no heading for runbook anchor {anchor}"
+        );
+    }
+}
+
+#[test]
+fn grafana_dashboard_references_only_exported_metrics() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&docs("grafana-dashboard.json")).unwrap();
+    let mut expressions = Vec::new();
+    fn walk(value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map {
+                    if key == "expr"
+                        && let Some(expr) = value.as_str()
+                    {
+                        out.push(expr.to_string());
+                    }
+                    walk(value, out);
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(&dashboard, &mut expressions);
+    assert!(expressions.len() >= 8, "{expressions:?}");
+    let exported = exported_names();
+    for expr in &expressions {
+        let named = metric_names(expr);
+        assert!(!named.is_empty(), "{expr} names no outbox metric");
+        let unknown: Vec<&String> = named.difference(&exported).collect();
+        assert!(unknown.is_empty(), "{expr}: {unknown:?} not exported");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_the_listener_while_it_is_down() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let service = start(support::config(&db, &broker)).await;
+    let addr = service.http_addr().unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), async || http_get(addr, "/readyz")
+            .await
+            .0
+            == 200)
+        .await,
+        "ready at start: {:?}",
+        http_get(addr, "/readyz").await
+    );
+
+    assert_eq!(db.cut_listener().await, 1);
+    let mut not_ready = (0, String::new());
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            not_ready = http_get(addr, "/readyz").await;
+            not_ready.0 == 503
+        })
+        .await
+    );
+    let body: serde_json::Value = serde_json::from_str(&not_ready.1).unwrap();
+    assert_eq!(body["down"][0]["part"], "listener", "{body}");
+
+    db.allow_connections().await;
+    assert!(
+        eventually(Duration::from_secs(10), async || http_get(addr, "/readyz")
+            .await
+            .0
+            == 200)
+        .await
+    );
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+    service.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_gauges_agree_across_instances_and_count_events_another_holds() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let mut config = support::config(&db, &broker);
+    config.http.gauge_refresh_interval = Duration::from_millis(200);
+    let producer = db.client().await;
+    // Held by another instance (a long lease), scheduled for later, and dead.
+    producer
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at, next_attempt_at)
+             VALUES ('order', '1', 'order.created', '{}', now() - interval '10 minutes', now() + interval '1 hour'),
+                    ('order', '2', 'order.created', '{}', now(), now() + interval '1 hour');
+             INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, status, last_error)
+             VALUES ('order', '3', 'order.created', '{}', 'DEAD_LETTER', 'x');",
+        )
+        .await
+        .unwrap();
+    enqueue(
+        &producer,
+        &NewEvent::new("order", "4", "order.created", json!({})),
+    )
+    .await
+    .unwrap();
+    let other = support::store(&config).await;
+    let held = other
+        .claim_due(10, Duration::ZERO, Duration::from_secs(600))
+        .await
+        .unwrap();
+    assert_eq!(held.events.len(), 1, "the other instance holds one event");
+
+    let first = start(config.clone()).await;
+    let second = start(config).await;
+    for service in [&first, &second] {
+        let m = service.metrics().clone();
+        assert!(
+            eventually(Duration::from_secs(5), async || m.events_pending.get() == 3).await,
+            "pending {}",
+            m.events_pending.get()
+        );
+        assert_eq!(m.events_dead_letter.get(), 1);
+        let oldest = m.oldest_pending_age.get();
+        assert!(
+            (599.0..700.0).contains(&oldest),
+            "oldest pending age {oldest}"
+        );
+    }
+    first.stop().await;
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_redriven_only_with_a_reason_on_the_record() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let hook = Endpoint::start(|_| Reply::status(422).with_body("unknown customer")).await;
+    let mut config = support::config(&db, &broker);
+    config.http.admin_token = outboxd::config::Secret::new(TOKEN);
+    config
+        .webhooks
+        .insert("crm".into(), WebhookConfig::new(hook.url(), SECRET));
+    config.routing.routes = vec![RouteConfig {
+        event_types: vec!["*".into()],
+        destinations: vec!["rabbitmq".into(), "webhook:crm".into()],
+    }];
+    let service = start(config).await;
+    let addr = service.http_addr().unwrap();
+    let producer = db.client().await;
+    let mut ids = Vec::new();
+    for n in 0..2 {
+        let tracking_id = enqueue(
+            &producer,
+            &NewEvent::new("order", n.to_string(), "order.created", json!({})),
+        )
+        .await
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let row = producer
+                .query_one(
+                    "SELECT id, status FROM outbox WHERE tracking_id = $1",
+                    &[&tracking_id],
+                )
+                .await
+                .unwrap();
+            if row.get::<_, String>(1) == "DEAD_LETTER" {
+                ids.push(row.get::<_, i64>(0));
+                break;
+            }
+            assert!(Instant::now() < deadline, "not dead-lettered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(
+        broker.wait_for(2, Duration::from_secs(5)).await.len(),
+        2,
+        "RabbitMQ acked both"
+    );
+
+    // The API needs the token.
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("Authorization", bearer.as_str())];
+    assert_eq!(http_get(addr, "/api/dead-letters").await.0, 401);
+    let wrong = [("Authorization", "Bearer not-the-token-at-all-00000")];
+    assert_eq!(
+        http_request(addr, "GET", "/api/dead-letters", &wrong, None)
+            .await
+            .0,
+        401
+    );
+    let redrive_body =
+        json!({ "ids": [ids[0]], "reason": "crm knows the customer now", "by": "alice" })
+            .to_string();
+    assert_eq!(
+        http_request(
+            addr,
+            "POST",
+            "/api/dead-letters/redrive",
+            &[],
+            Some(&redrive_body)
+        )
+        .await
+        .0,
+        401
+    );
+    let (status, listing) = http_request(
+        addr,
+        "GET",
+        "/api/dead-letters?event_type=order.*&limit=1",
+        &auth,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{listing}");
+    let listing: serde_json::Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(listing["items"].as_array().unwrap().len(), 1);
+    assert_eq!(listing["items"][0]["id"], ids[1], "newest first");
+    assert!(
+        listing["items"][0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("HTTP 422: unknown customer")
+    );
+    let next = listing["next_before_id"].as_i64().unwrap();
+    let (_, page) = http_request(
+        addr,
+        "GET",
+        &format!("/api/dead-letters?before_id={next}"),
+        &auth,
+        None,
+    )
+    .await;
+    let page: serde_json::Value = serde_json::from_str(&page).unwrap();
+    assert_eq!(page["items"][0]["id"], ids[0], "keyset pagination");
+
+    // Without a reason: refused, by the API and by the CLI.
+    let no_reason = json!({ "ids": [ids[0]], "reason": "  " }).to_string();
+    let (status, body) = http_request(
+        addr,
+        "POST",
+        "/api/dead-letters/redrive",
+        &auth,
+        Some(&no_reason),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(body.contains("needs a reason"), "{body}");
+    let cli = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args([
+            "dead-letters",
+            "redrive",
+            "--id",
+            &ids[1].to_string(),
+            "--reason",
+            "",
+        ])
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(cli.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&cli.stderr).contains("needs a reason"));
+    assert_eq!(db.count("DEAD_LETTER").await, 2, "nothing moved");
+
+    // The endpoint is fixed; redrive with a reason: delivered, to the webhook only.
+    hook.answer(|_| Reply::ok());
+    let (status, body) = http_request(
+        addr,
+        "POST",
+        "/api/dead-letters/redrive",
+        &auth,
+        Some(&redrive_body),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["redriven"],
+        json!([ids[0]])
+    );
+    let cli = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args([
+            "dead-letters",
+            "redrive",
+            "--id",
+            &ids[1].to_string(),
+            "--reason",
+            "crm fixed",
+            "--by",
+            "bob",
+        ])
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    assert!(db.wait_settled(Duration::from_secs(10)).await);
+    assert_eq!(db.count("PUBLISHED").await, 2);
+    assert_eq!(
+        hook.hits().iter().filter(|h| h.earlier_tries > 0).count(),
+        2,
+        "each sent once more"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        broker.received().len(),
+        2,
+        "RabbitMQ had acked: not sent again"
+    );
+
+    let (status, shown) = http_request(
+        addr,
+        "GET",
+        &format!("/api/dead-letters/{}", ids[0]),
+        &auth,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["status"], "PUBLISHED");
+    assert_eq!(shown["redrives"][0]["reason"], "crm knows the customer now");
+    assert_eq!(shown["redrives"][0]["by"], "alice");
+    assert!(
+        shown["redrives"][0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("HTTP 422")
+    );
+    let cli = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["dead-letters", "show", &ids[1].to_string()])
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&cli.stdout);
+    assert!(text.contains("by bob: crm fixed"), "{text}");
+    service.stop().await;
+}
