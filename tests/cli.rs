@@ -277,3 +277,22 @@ async fn sigterm_releases_unfinished_events_and_exits_zero() {
     );
     drop(black_hole);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_shows_events_arriving() {
+    let db = TestDb::empty().await;
+    let broker = support::TestBroker::new(None).await;
+    let output = outboxd(
+        &["demo", "--events", "3"],
+        &[
+            ("DATABASE_URL", &db.url),
+            ("OUTBOXD_RABBITMQ_EXCHANGE", &broker.exchange),
+            ("OUTBOXD_RABBITMQ_DECLARE_EXCHANGE", "false"),
+            ("OUTBOXD_HTTP_LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", stderr(&output));
+    assert_eq!(stdout.matches("commit to consumer").count(), 3, "{stdout}");
+    assert_eq!(db.count("PUBLISHED").await, 3);
+}
