@@ -219,6 +219,9 @@ pub struct RabbitMqConfig {
     /// A batch whose confirms have not all arrived by then counts as failed.
     #[serde(with = "duration_text")]
     pub confirm_timeout: Duration,
+    /// Larger payloads are dead-lettered instead of published (keep it at or below the
+    /// broker's `max_message_size`, which closes the channel over a larger message).
+    pub max_payload_bytes: usize,
     #[serde(with = "duration_text")]
     pub reconnect_min_delay: Duration,
     #[serde(with = "duration_text")]
@@ -289,6 +292,7 @@ impl Default for RabbitMqConfig {
             declare_exchange: true,
             routing_key: "{event_type}".into(),
             confirm_timeout: Duration::from_secs(10),
+            max_payload_bytes: 16 * 1024 * 1024,
             reconnect_min_delay: Duration::from_millis(200),
             reconnect_max_delay: Duration::from_secs(10),
         }
@@ -469,6 +473,12 @@ impl Config {
         crate::sink::rabbitmq::RoutingKeyTemplate::parse(&q.routing_key)
             .map_err(|e| invalid("rabbitmq", "routing_key", &q.routing_key, e))?;
         positive("rabbitmq", "confirm_timeout", q.confirm_timeout)?;
+        in_range(
+            "rabbitmq",
+            "max_payload_bytes",
+            q.max_payload_bytes,
+            1..=536_870_912,
+        )?;
         backoff_bounds("rabbitmq", q.reconnect_min_delay, q.reconnect_max_delay)?;
 
         let p = &self.partitions;

@@ -827,3 +827,56 @@ async fn broker_outage_defers_events_without_charging_attempts() {
     );
     service.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_payload_is_dead_lettered_and_the_rest_of_its_batch_is_delivered() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let mut config = config(&db, &broker);
+    config.rabbitmq.max_payload_bytes = 1000;
+    let service = start(config).await;
+    let mut producer = db.client().await;
+    let mut events: Vec<NewEvent> = (0..5).map(order_event).collect();
+    events.insert(
+        2,
+        NewEvent::new(
+            "order",
+            "big",
+            "order.created",
+            json!({ "blob": "x".repeat(2000) }),
+        ),
+    );
+    let tx = producer.transaction().await.unwrap();
+    let ids = enqueue_many(&tx, &events).await.unwrap();
+    tx.commit().await.unwrap();
+    let poison = ids[2];
+
+    let received = broker.wait_for(5, Duration::from_secs(10)).await;
+    assert_eq!(received.len(), 5);
+    assert!(received.iter().all(|m| m.message_id != poison.to_string()));
+    assert!(db.wait_settled(Duration::from_secs(5)).await);
+    let row = producer
+        .query_one(
+            "SELECT status, attempts, last_error FROM outbox WHERE tracking_id = $1",
+            &[&poison],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "DEAD_LETTER");
+    assert_eq!(row.get::<_, i32>(1), 1);
+    let error: String = row.get(2);
+    assert!(error.contains("max_payload_bytes"), "{error}");
+    let charged: i64 = producer
+        .query_one(
+            "SELECT max(attempts)::int8 FROM outbox WHERE status = 'PUBLISHED'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        charged, 1,
+        "the rest of the batch went through on the first attempt"
+    );
+    service.stop().await;
+}

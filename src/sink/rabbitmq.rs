@@ -310,6 +310,17 @@ impl RabbitMqSink {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; events.len()];
         let mut confirms = Vec::with_capacity(events.len());
         for (index, event) in events.iter().enumerate() {
+            if event.payload.len() > self.config.max_payload_bytes {
+                // RabbitMQ would close the channel over it, failing the whole batch.
+                outcomes[index] = Some(Outcome::Rejected {
+                    reason: format!(
+                        "payload of {} bytes is larger than rabbitmq.max_payload_bytes ({}); the broker would refuse it",
+                        event.payload.len(),
+                        self.config.max_payload_bytes
+                    ),
+                });
+                continue;
+            }
             let routing_key = self.routing_key.render(event);
             let published = channel
                 .basic_publish(
@@ -326,12 +337,16 @@ impl RabbitMqSink {
             match published {
                 Ok(confirm) => confirms.push((index, routing_key, confirm)),
                 Err(error) => {
-                    // The channel is gone: this and every later event of the batch failed.
-                    let reason = format!("publish failed: {error}");
-                    for slot in outcomes.iter_mut().skip(index) {
-                        *slot = Some(Outcome::Retry {
-                            reason: reason.clone(),
-                            not_before: None,
+                    // The channel is gone. This event's publish failed; the rest of the
+                    // batch was never sent, so it waits without being charged.
+                    outcomes[index] = Some(Outcome::Retry {
+                        reason: format!("publish failed: {error}"),
+                        not_before: None,
+                    });
+                    for slot in outcomes.iter_mut().skip(index + 1).filter(|o| o.is_none()) {
+                        *slot = Some(Outcome::Deferred {
+                            reason: format!("not published: the channel closed ({error})"),
+                            not_before: self.config.reconnect_min_delay,
                         });
                     }
                     break;
