@@ -1155,4 +1155,32 @@ headers = { "x-env" = "test" }
         .unwrap_err();
         assert!(error.to_string().contains("webhooks.crm.url"), "{error}");
     }
+
+    mod properties {
+        use super::super::{Config, duration_text};
+        use proptest::prelude::*;
+        use std::time::Duration;
+
+        proptest! {
+            #[test]
+            fn durations_round_trip(ms in 1u64..100_000_000) {
+                let d = Duration::from_millis(ms);
+                prop_assert_eq!(duration_text::parse(&duration_text::format(d)).unwrap(), d);
+            }
+
+            #[test]
+            fn batch_sizes_are_accepted_or_refused_with_the_key(value in "[-0-9a-z ]{0,8}") {
+                let env = vec![("OUTBOXD_RELAY_BATCH_SIZE".to_string(), value.clone())];
+                match Config::load(None, env) {
+                    Ok((config, _)) => prop_assert!((1..=10_000).contains(&config.relay.batch_size)),
+                    Err(error) => prop_assert!(error.to_string().contains("relay.batch_size"), "{}", error),
+                }
+            }
+
+            #[test]
+            fn any_duration_text_parses_or_is_refused_without_panicking(text in ".{0,16}") {
+                let _ = duration_text::parse(&text);
+            }
+        }
+    }
 }

@@ -90,4 +90,41 @@ mod tests {
             );
         }
     }
+
+    mod properties {
+        use super::super::{Notified, parse_payload};
+        use proptest::prelude::*;
+        use std::collections::BTreeSet;
+
+        /// The trigger's encoding: consecutive ids as "lo-hi", others alone, joined by ','.
+        fn encode(ids: &BTreeSet<i64>) -> String {
+            let mut parts = Vec::new();
+            let mut iter = ids.iter().copied().peekable();
+            while let Some(lo) = iter.next() {
+                let mut hi = lo;
+                while iter.peek() == Some(&(hi + 1)) {
+                    hi = iter.next().unwrap();
+                }
+                parts.push(if lo == hi {
+                    lo.to_string()
+                } else {
+                    format!("{lo}-{hi}")
+                });
+            }
+            parts.join(",")
+        }
+
+        proptest! {
+            #[test]
+            fn the_triggers_ranges_parse_back_to_the_same_ids(ids in prop::collection::btree_set(0i64..5_000, 1..300)) {
+                let parsed = parse_payload(&encode(&ids)).unwrap();
+                prop_assert_eq!(parsed, Notified::Ids(ids.into_iter().collect()));
+            }
+
+            #[test]
+            fn any_payload_parses_or_is_refused_without_panicking(payload in ".{0,64}") {
+                let _ = parse_payload(&payload);
+            }
+        }
+    }
 }

@@ -90,4 +90,29 @@ mod tests {
             MAX
         );
     }
+
+    mod properties {
+        use super::super::backoff_delay;
+        use proptest::prelude::*;
+        use std::time::Duration;
+
+        proptest! {
+            #[test]
+            fn delays_stay_within_the_cap_and_never_shrink(
+                attempts in 1i32..200,
+                jitter_a in 0.0f64..1.0,
+                jitter_b in 0.0f64..1.0,
+                base_ms in 1u64..5_000,
+                cap_factor in 1u64..1_000,
+            ) {
+                let base = Duration::from_millis(base_ms);
+                let max = base * cap_factor as u32;
+                let this = backoff_delay(attempts, base, max, jitter_a);
+                let next = backoff_delay(attempts + 1, base, max, jitter_b);
+                prop_assert!(this <= max && next <= max);
+                prop_assert!(next >= this || next == max, "{:?} then {:?}", this, next);
+                prop_assert!(this >= (base / 2).min(max));
+            }
+        }
+    }
 }

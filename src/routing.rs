@@ -210,4 +210,34 @@ mod tests {
         assert!(Router::new(&[rule(&[], &["rabbitmq"])], Unrouted::Skip).is_err());
         assert!(Router::new(&[rule(&["a"], &[])], Unrouted::Skip).is_err());
     }
+
+    mod properties {
+        use super::super::Pattern;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn a_star_stands_for_any_text(a in "[a-z.]{0,8}", x in "[a-z.]{0,8}", b in "[a-z.]{0,8}") {
+                let pattern = Pattern::parse(&format!("{a}*{b}")).unwrap();
+                let event_type = format!("{a}{x}{b}");
+                prop_assert!(pattern.matches(&event_type));
+            }
+
+            #[test]
+            fn without_a_star_only_the_exact_type_matches(p in "[a-z.]{1,10}", t in "[a-z.]{0,10}") {
+                let pattern = Pattern::parse(&p).unwrap();
+                prop_assert_eq!(pattern.matches(&t), p == t);
+            }
+
+            #[test]
+            fn a_lone_star_matches_everything(t in ".{0,20}") {
+                prop_assert!(Pattern::parse("*").unwrap().matches(&t));
+            }
+
+            #[test]
+            fn matching_never_panics(p in ".{1,12}", t in ".{0,20}") {
+                let _ = Pattern::parse(&p).unwrap().matches(&t);
+            }
+        }
+    }
 }

@@ -493,4 +493,30 @@ mod tests {
             })
         );
     }
+
+    mod properties {
+        use super::super::parse_retry_after;
+        use proptest::prelude::*;
+        use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+        proptest! {
+            #[test]
+            fn retry_after_seconds_parse(seconds in 0u64..10_000_000) {
+                let now = SystemTime::now();
+                prop_assert_eq!(parse_retry_after(&seconds.to_string(), now), Some(Duration::from_secs(seconds)));
+            }
+
+            #[test]
+            fn retry_after_dates_parse_to_the_delay(now_s in 1_000_000_000u64..2_000_000_000, ahead in 0u64..1_000_000) {
+                let now = UNIX_EPOCH + Duration::from_secs(now_s);
+                let date = httpdate::fmt_http_date(now + Duration::from_secs(ahead));
+                prop_assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(ahead)));
+            }
+
+            #[test]
+            fn any_retry_after_parses_or_is_ignored_without_panicking(value in ".{0,40}") {
+                let _ = parse_retry_after(&value, SystemTime::now());
+            }
+        }
+    }
 }
