@@ -3,6 +3,7 @@
 //! arrived. Everything is removed on drop, also when the test fails.
 #![allow(dead_code)]
 
+pub mod fleet;
 pub mod proxy;
 pub mod webhook;
 

@@ -23,6 +23,23 @@ impl CountingProxy {
     /// A proxy on a given address (for example a port that refused connections until
     /// now: a service "coming back"). Counting only means something for PostgreSQL.
     pub async fn start_on(listen: SocketAddr, upstream: SocketAddr) -> CountingProxy {
+        Self::start_with(listen, upstream, std::time::Duration::ZERO).await
+    }
+
+    /// A proxy that holds every chunk the server sends for `latency` before passing it
+    /// on: replies (and broker confirms) arrive that much later.
+    pub async fn start_with_latency(
+        upstream: SocketAddr,
+        latency: std::time::Duration,
+    ) -> CountingProxy {
+        Self::start_with("127.0.0.1:0".parse().unwrap(), upstream, latency).await
+    }
+
+    async fn start_with(
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        latency: std::time::Duration,
+    ) -> CountingProxy {
         let listener = TcpListener::bind(listen).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let statements = Arc::new(AtomicU64::new(0));
@@ -32,7 +49,7 @@ impl CountingProxy {
                 let counter = Arc::clone(&counter);
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(upstream).await {
-                        pipe(client, server, counter).await;
+                        pipe(client, server, counter, latency).await;
                     }
                 });
             }
@@ -64,7 +81,12 @@ impl Drop for CountingProxy {
     }
 }
 
-async fn pipe(client: TcpStream, server: TcpStream, counter: Arc<AtomicU64>) {
+async fn pipe(
+    client: TcpStream,
+    server: TcpStream,
+    counter: Arc<AtomicU64>,
+    latency: std::time::Duration,
+) {
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
     let upstream = async move {
@@ -83,7 +105,21 @@ async fn pipe(client: TcpStream, server: TcpStream, counter: Arc<AtomicU64>) {
         let _ = server_write.shutdown().await;
     };
     let downstream = async move {
-        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+        if latency.is_zero() {
+            let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+        } else {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = match server_read.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                tokio::time::sleep(latency).await;
+                if client_write.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
         let _ = client_write.shutdown().await;
     };
     tokio::join!(upstream, downstream);

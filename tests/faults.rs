@@ -1,0 +1,128 @@
+//! Faults, with the real `outboxd` binary: each scenario commits events while it
+//! injects one fault, then audits that every committed event was consumed (none lost),
+//! every row ended PUBLISHED, and reports the duplicates at-least-once allowed.
+
+mod support;
+
+use std::time::{Duration, Instant};
+use support::fleet::{Instance, Producer, audit, duplicated};
+use support::proxy::CountingProxy;
+use support::{TestBroker, TestDb};
+
+const EVENTS: usize = 2000;
+
+/// A broker 50 ms away: every batch is in flight long enough for a fault to hit it.
+async fn slow_broker() -> (CountingProxy, String) {
+    let latency = Duration::from_millis(50);
+    let proxy = CountingProxy::start_with_latency("127.0.0.1:5672".parse().unwrap(), latency).await;
+    let url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    (proxy, url)
+}
+
+async fn wait_consumed(broker: &TestBroker, at_least: usize) {
+    broker.wait_for(at_least, Duration::from_secs(30)).await;
+    assert!(
+        broker.received().len() >= at_least,
+        "load did not get going"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_load_then_restart_loses_nothing() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let (_proxy, broker_url) = slow_broker().await;
+    let slow = [("OUTBOXD_RABBITMQ_URL", broker_url.as_str())];
+    let mut first = Instance::start(&db, &broker, &slow);
+    first.wait_running().await;
+    let producer = Producer::start(&db, EVENTS, 10).await;
+    wait_consumed(&broker, 500).await;
+    first.kill_9();
+    let fault_at = Instant::now();
+    let orphaned = db.count("PROCESSING").await;
+    println!("{orphaned} event(s) were in flight when the process died");
+    assert!(orphaned > 0, "the fault hit mid-delivery");
+    let second = Instance::start(&db, &broker, &slow);
+    second.wait_running().await;
+    let committed = producer.finish().await;
+
+    let audit = audit(&db, &broker, &committed, fault_at, Duration::from_secs(60)).await;
+    assert_eq!(audit.committed, EVENTS);
+    assert_eq!(audit.lost, 0, "{audit:?}\n{}", second.log());
+    assert_eq!(db.count("PUBLISHED").await, EVENTS as i64);
+    // Only events in flight when the process died may repeat, and those were claimed twice.
+    let client = db.client().await;
+    for tracking_id in duplicated(&broker) {
+        let attempts: i32 = client
+            .query_one(
+                "SELECT attempts FROM outbox WHERE tracking_id = $1",
+                &[&tracking_id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            attempts >= 2,
+            "{tracking_id} was delivered twice after {attempts} attempt(s)"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_three_instances_killed_the_others_take_over() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let (_proxy, broker_url) = slow_broker().await;
+    let slow = [("OUTBOXD_RABBITMQ_URL", broker_url.as_str())];
+    let mut doomed = Instance::start(&db, &broker, &slow);
+    let others = [
+        Instance::start(&db, &broker, &slow),
+        Instance::start(&db, &broker, &slow),
+    ];
+    doomed.wait_running().await;
+    for other in &others {
+        other.wait_running().await;
+    }
+    let producer = Producer::start(&db, EVENTS, 10).await;
+    wait_consumed(&broker, 500).await;
+    doomed.kill_9();
+    let fault_at = Instant::now();
+    let committed = producer.finish().await;
+
+    let audit = audit(&db, &broker, &committed, fault_at, Duration::from_secs(60)).await;
+    assert_eq!(audit.lost, 0, "{audit:?}");
+    assert_eq!(db.count("PUBLISHED").await, EVENTS as i64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_zero_and_leaves_no_lease_behind() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let (_proxy, broker_url) = slow_broker().await;
+    let slow = [("OUTBOXD_RABBITMQ_URL", broker_url.as_str())];
+    let mut first = Instance::start(&db, &broker, &slow);
+    first.wait_running().await;
+    let producer = Producer::start(&db, EVENTS, 10).await;
+    wait_consumed(&broker, 500).await;
+    let code = first.terminate().await;
+    let fault_at = Instant::now();
+    assert_eq!(code, Some(0), "{}", first.log());
+    // Nothing it claimed is left leased: delivered, or released to PENDING.
+    let client = db.client().await;
+    let leased: i64 = client
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE status = 'PROCESSING' OR locked_until IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(leased, 0, "{}", first.log());
+
+    let second = Instance::start(&db, &broker, &slow);
+    second.wait_running().await;
+    let committed = producer.finish().await;
+    let audit = audit(&db, &broker, &committed, fault_at, Duration::from_secs(60)).await;
+    assert_eq!(audit.lost, 0, "{audit:?}");
+    assert_eq!(db.count("PUBLISHED").await, EVENTS as i64);
+}

@@ -1,0 +1,216 @@
+//! Fault-injection harness: real `outboxd` processes against a test database and broker,
+//! a producer committing events while faults happen, and the audit every scenario ends
+//! with (every committed event consumed, none lost; duplicates counted).
+
+use super::{TestBroker, TestDb};
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+/// One `outboxd run` process.
+pub struct Instance {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Instance {
+    /// Starts `outboxd run` on `db` and `broker` with fault-friendly timings (2 s lease)
+    /// plus `extra` environment.
+    pub fn start(db: &TestDb, broker: &TestBroker, extra: &[(&str, &str)]) -> Instance {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_outboxd"));
+        command.arg("run");
+        for (name, _) in std::env::vars() {
+            if name.starts_with("OUTBOXD_") || name == "DATABASE_URL" {
+                command.env_remove(name);
+            }
+        }
+        command
+            .env("DATABASE_URL", &db.url)
+            .env("OUTBOXD_RABBITMQ_EXCHANGE", &broker.exchange)
+            .env("OUTBOXD_RABBITMQ_DECLARE_EXCHANGE", "false")
+            .env("OUTBOXD_HTTP_LISTEN", "127.0.0.1:0")
+            .env("OUTBOXD_DATABASE_POOL_SIZE", "4")
+            .env("OUTBOXD_RELAY_LEASE", "2s")
+            .env("OUTBOXD_RELAY_BATCH_SIZE", "100")
+            .env("OUTBOXD_RETRY_BASE_DELAY", "100ms")
+            .env("OUTBOXD_RETRY_MAX_DELAY", "2s")
+            .env("OUTBOXD_LISTENER_RECONNECT_MAX_DELAY", "500ms")
+            .env("OUTBOXD_RABBITMQ_RECONNECT_MAX_DELAY", "500ms")
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped());
+        for (name, value) in extra {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().expect("start outboxd");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        Instance { child, log }
+    }
+
+    /// Waits until the log says the instance runs (its listener is up).
+    pub async fn wait_running(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.log().contains("listening") {
+            assert!(
+                Instant::now() < deadline,
+                "outboxd did not start:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// SIGKILL: no chance to release anything.
+    pub fn kill_9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit code once it stopped.
+    pub async fn terminate(&mut self) -> Option<i32> {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "outboxd did not exit after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Commits `total` events in transactions of `per_commit`, as fast as it can; the
+/// tracking ids committed so far are readable while it runs.
+pub struct Producer {
+    pub committed: Arc<Mutex<Vec<Uuid>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Producer {
+    pub async fn start(db: &TestDb, total: usize, per_commit: usize) -> Producer {
+        let mut client = db.client().await;
+        let committed = Arc::new(Mutex::new(Vec::with_capacity(total)));
+        let record = Arc::clone(&committed);
+        let task = tokio::spawn(async move {
+            let mut n = 0;
+            while n < total {
+                let events: Vec<outboxd::NewEvent> = (n..(n + per_commit).min(total))
+                    .map(|i| {
+                        outboxd::NewEvent::new(
+                            "order",
+                            i.to_string(),
+                            "order.created",
+                            serde_json::json!({ "n": i }),
+                        )
+                    })
+                    .collect();
+                let tx = client.transaction().await.unwrap();
+                let ids = outboxd::enqueue_many(&tx, &events).await.unwrap();
+                tx.commit().await.unwrap();
+                n += ids.len();
+                record.lock().unwrap().extend(ids);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+        Producer { committed, task }
+    }
+
+    pub async fn finish(self) -> Vec<Uuid> {
+        self.task.await.unwrap();
+        self.committed.lock().unwrap().clone()
+    }
+}
+
+/// What a scenario ended with.
+#[derive(Debug)]
+pub struct Audit {
+    pub committed: usize,
+    pub delivered: usize,
+    pub lost: usize,
+    pub duplicates: usize,
+    pub recovered_in: Duration,
+}
+
+/// Waits (up to `timeout`) until every committed event was consumed and every row is
+/// PUBLISHED, then counts. `fault_at`: when the fault was injected.
+pub async fn audit(
+    db: &TestDb,
+    broker: &TestBroker,
+    committed: &[Uuid],
+    fault_at: Instant,
+    timeout: Duration,
+) -> Audit {
+    let wanted: HashSet<String> = committed.iter().map(|id| id.to_string()).collect();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let received: HashSet<String> = broker
+            .received()
+            .into_iter()
+            .map(|m| m.message_id)
+            .collect();
+        if wanted.is_subset(&received) && db.wait_settled(Duration::ZERO).await {
+            break;
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let recovered_in = fault_at.elapsed();
+    let received = broker.received();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for message in &received {
+        *counts.entry(message.message_id.clone()).or_default() += 1;
+    }
+    let delivered = wanted.iter().filter(|id| counts.contains_key(*id)).count();
+    let audit = Audit {
+        committed: wanted.len(),
+        delivered,
+        lost: wanted.len() - delivered,
+        duplicates: counts.values().map(|n| n - 1).sum(),
+        recovered_in,
+    };
+    println!("{audit:?}");
+    audit
+}
+
+/// Tracking ids consumed more than once.
+pub fn duplicated(broker: &TestBroker) -> Vec<Uuid> {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for message in broker.received() {
+        *counts.entry(message.message_id).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .filter_map(|(id, _)| id.parse().ok())
+        .collect()
+}
