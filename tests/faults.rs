@@ -126,3 +126,107 @@ async fn sigterm_under_load_exits_zero_and_leaves_no_lease_behind() {
     assert_eq!(audit.lost, 0, "{audit:?}");
     assert_eq!(db.count("PUBLISHED").await, EVENTS as i64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_connections_dropped_and_refused_then_everything_is_delivered() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let proxy = CountingProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let instance = Instance::start(&db, &broker, &[("OUTBOXD_RABBITMQ_URL", url.as_str())]);
+    instance.wait_running().await;
+    let producer = Producer::start(&db, EVENTS, 10).await;
+    wait_consumed(&broker, 500).await;
+    proxy.refuse(true);
+    proxy.cut();
+    let fault_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let consumed_while_down = broker.received().len();
+    let published_while_down = db.count("PUBLISHED").await;
+    assert!(
+        published_while_down as usize <= consumed_while_down,
+        "PUBLISHED only after an ack: {published_while_down} published, {consumed_while_down} consumed"
+    );
+    proxy.refuse(false);
+    let committed = producer.finish().await;
+
+    let audit = audit(&db, &broker, &committed, fault_at, Duration::from_secs(60)).await;
+    assert_eq!(audit.lost, 0, "{audit:?}\n{}", instance.log());
+    assert_eq!(db.count("PUBLISHED").await, EVENTS as i64);
+    assert_eq!(
+        db.count("DEAD_LETTER").await,
+        0,
+        "an outage dead-letters nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flapping_webhook_gets_everything_with_bounded_retries() {
+    use support::webhook::{Endpoint, Reply};
+    const N: usize = 500;
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(None).await;
+    let endpoint = Endpoint::start(|_| {
+        if rand::random::<bool>() {
+            Reply::status(500)
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+    let url = endpoint.url();
+    let routes = "*=webhook:flappy";
+    let instance = Instance::start(
+        &db,
+        &broker,
+        &[
+            ("OUTBOXD_ROUTING_ROUTES", routes),
+            ("OUTBOXD_WEBHOOK_FLAPPY_URL", url.as_str()),
+            (
+                "OUTBOXD_WEBHOOK_FLAPPY_SECRETS",
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            ),
+            ("OUTBOXD_WEBHOOK_FLAPPY_FAILURES_TO_OPEN", "50"),
+            ("OUTBOXD_RETRY_MAX_ATTEMPTS", "25"),
+            ("OUTBOXD_RETRY_BASE_DELAY", "20ms"),
+            ("OUTBOXD_RETRY_MAX_DELAY", "500ms"),
+        ],
+    );
+    instance.wait_running().await;
+    let producer = Producer::start(&db, N, 10).await;
+    let committed = producer.finish().await;
+    let fault_at = Instant::now();
+    assert!(
+        db.wait_settled(Duration::from_secs(60)).await,
+        "{}",
+        instance.log()
+    );
+    assert_eq!(db.count("PUBLISHED").await, N as i64, "{}", instance.log());
+
+    let hits = endpoint.hits();
+    let acked: std::collections::HashSet<&str> = hits.iter().map(|h| h.id()).collect();
+    assert_eq!(
+        acked.len(),
+        committed.len(),
+        "every event reached the endpoint"
+    );
+    // Every request is an attempt the database counted: retries stay within the policy.
+    let client = db.client().await;
+    let attempts: i64 = client
+        .query_one("SELECT sum(attempts)::int8 FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let max_attempts: i32 = client
+        .query_one("SELECT max(attempts) FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    println!(
+        "{N} events, {} requests, {attempts} attempts, at most {max_attempts} for one event, settled {:?} after the load",
+        hits.len(),
+        fault_at.elapsed()
+    );
+    assert_eq!(hits.len() as i64, attempts);
+    assert!(max_attempts <= 25);
+}

@@ -13,6 +13,8 @@ pub struct CountingProxy {
     pub addr: SocketAddr,
     statements: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
+    connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    refusing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CountingProxy {
@@ -44,21 +46,43 @@ impl CountingProxy {
         let addr = listener.local_addr().unwrap();
         let statements = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&statements);
+        let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let refusing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tracked, refuse) = (Arc::clone(&connections), Arc::clone(&refusing));
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if refuse.load(Ordering::SeqCst) {
+                    drop(client); // closed at once: the service is "down"
+                    continue;
+                }
                 let counter = Arc::clone(&counter);
-                tokio::spawn(async move {
+                let handle = tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(upstream).await {
                         pipe(client, server, counter, latency).await;
                     }
                 });
+                tracked.lock().unwrap().push(handle.abort_handle());
             }
         });
         CountingProxy {
             addr,
             statements,
             task,
+            connections,
+            refusing,
         }
+    }
+
+    /// Drops every open connection (both ends see it close).
+    pub fn cut(&self) {
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+
+    /// While on, new connections are closed as soon as they are accepted.
+    pub fn refuse(&self, on: bool) {
+        self.refusing.store(on, Ordering::SeqCst);
     }
 
     /// Statements sent through the proxy so far.
