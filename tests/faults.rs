@@ -230,3 +230,68 @@ async fn flapping_webhook_gets_everything_with_bounded_retries() {
     assert_eq!(hits.len() as i64, attempts);
     assert!(max_attempts <= 25);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_instance_is_fenced_when_it_wakes_after_another_took_over() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let (_slow, broker_url) = slow_broker().await;
+    let pg = CountingProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let stalled_url = pg.url(&db.name);
+    let stalled = Instance::start(
+        &db,
+        &broker,
+        &[
+            ("DATABASE_URL", stalled_url.as_str()),
+            ("OUTBOXD_RABBITMQ_URL", broker_url.as_str()),
+            ("OUTBOXD_LISTENER_PING_INTERVAL", "30s"),
+            ("OUTBOXD_LISTENER_KEEPALIVE_IDLE", "30s"),
+        ],
+    );
+    stalled.wait_running().await;
+    let producer = Producer::start(&db, EVENTS, 10).await;
+    // Stall its database connections while it has batches in flight.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while db.count("PROCESSING").await == 0 {
+        assert!(Instant::now() < deadline, "nothing in flight");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    pg.stall(true);
+    let fault_at = Instant::now();
+    // A second instance, connected directly, reaps its leases and delivers.
+    let rescuer = Instance::start(
+        &db,
+        &broker,
+        &[("OUTBOXD_RABBITMQ_URL", broker_url.as_str())],
+    );
+    rescuer.wait_running().await;
+    let committed = producer.finish().await;
+    tokio::time::sleep(Duration::from_secs(5)).await; // well past the 2 s lease
+    pg.stall(false);
+
+    let audit = audit(&db, &broker, &committed, fault_at, Duration::from_secs(60)).await;
+    assert_eq!(audit.lost, 0, "{audit:?}");
+    assert_eq!(db.count("PUBLISHED").await, EVENTS as i64);
+    let addr = stalled.http_addr();
+    let mut fenced = 0.0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while fenced == 0.0 && Instant::now() < deadline {
+        let (_, metrics) = support::http_get(addr, "/metrics").await;
+        fenced = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("outbox_fenced_outcomes_total ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("the stalled instance's late outcomes refused: {fenced}");
+    assert!(
+        fenced > 0.0,
+        "its late complete was refused\n{}",
+        stalled.log()
+    );
+}

@@ -69,6 +69,20 @@ impl Instance {
         }
     }
 
+    /// Where this instance serves `/metrics` (read from its log).
+    pub fn http_addr(&self) -> std::net::SocketAddr {
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("serving /metrics"))
+            .unwrap_or_else(|| panic!("no HTTP address in the log:\n{log}"));
+        let start = line.find("127.0.0.1:").expect("address");
+        let end = line[start..]
+            .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
+            .map_or(line.len(), |e| start + e);
+        line[start..end].parse().expect("socket address")
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }

@@ -15,6 +15,7 @@ pub struct CountingProxy {
     task: tokio::task::JoinHandle<()>,
     connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     refusing: Arc<std::sync::atomic::AtomicBool>,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CountingProxy {
@@ -48,7 +49,9 @@ impl CountingProxy {
         let counter = Arc::clone(&statements);
         let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
         let refusing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tracked, refuse) = (Arc::clone(&connections), Arc::clone(&refusing));
+        let stall = Arc::clone(&stalled);
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if refuse.load(Ordering::SeqCst) {
@@ -56,9 +59,10 @@ impl CountingProxy {
                     continue;
                 }
                 let counter = Arc::clone(&counter);
+                let stall = Arc::clone(&stall);
                 let handle = tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(upstream).await {
-                        pipe(client, server, counter, latency).await;
+                        pipe(client, server, counter, latency, stall).await;
                     }
                 });
                 tracked.lock().unwrap().push(handle.abort_handle());
@@ -70,6 +74,7 @@ impl CountingProxy {
             task,
             connections,
             refusing,
+            stalled,
         }
     }
 
@@ -83,6 +88,11 @@ impl CountingProxy {
     /// While on, new connections are closed as soon as they are accepted.
     pub fn refuse(&self, on: bool) {
         self.refusing.store(on, Ordering::SeqCst);
+    }
+
+    /// While on, connections stay open but nothing passes either way: a stalled server.
+    pub fn stall(&self, on: bool) {
+        self.stalled.store(on, Ordering::SeqCst);
     }
 
     /// Statements sent through the proxy so far.
@@ -105,12 +115,20 @@ impl Drop for CountingProxy {
     }
 }
 
+async fn hold_while(stalled: &std::sync::atomic::AtomicBool) {
+    while stalled.load(Ordering::SeqCst) {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 async fn pipe(
     client: TcpStream,
     server: TcpStream,
     counter: Arc<AtomicU64>,
     latency: std::time::Duration,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
 ) {
+    let stalled_down = Arc::clone(&stalled);
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
     let upstream = async move {
@@ -122,6 +140,7 @@ async fn pipe(
                 Ok(n) => n,
             };
             parser.feed(&buf[..n], &counter);
+            hold_while(&stalled).await;
             if server_write.write_all(&buf[..n]).await.is_err() {
                 break;
             }
@@ -129,19 +148,18 @@ async fn pipe(
         let _ = server_write.shutdown().await;
     };
     let downstream = async move {
-        if latency.is_zero() {
-            let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
-        } else {
-            let mut buf = vec![0u8; 16 * 1024];
-            loop {
-                let n = match server_read.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match server_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if !latency.is_zero() {
                 tokio::time::sleep(latency).await;
-                if client_write.write_all(&buf[..n]).await.is_err() {
-                    break;
-                }
+            }
+            hold_while(&stalled_down).await;
+            if client_write.write_all(&buf[..n]).await.is_err() {
+                break;
             }
         }
         let _ = client_write.shutdown().await;
