@@ -295,3 +295,83 @@ async fn stalled_instance_is_fenced_when_it_wakes_after_another_took_over() {
         stalled.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn careless_rows_are_delivered_and_secrets_never_show() {
+    use support::webhook::{Endpoint, Reply};
+    const DB_PASSWORD: &str = "pg-pass-7b1f0c2e9d";
+    const ADMIN_TOKEN: &str = "admin-token-5e3a91c07f2b4d68";
+    // base64 of "hook-key-0f9e8d7c6b5a" (the key itself must not show either)
+    const HOOK_SECRET: &str = "whsec_aG9vay1rZXktMGY5ZThkN2M2YjVh";
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let endpoint = Endpoint::start(|_| Reply::ok()).await;
+    let url_with_password = db
+        .url
+        .replace("postgres@", &format!("postgres:{DB_PASSWORD}@"));
+    let hook_url = endpoint.url();
+    let instance = Instance::start(
+        &db,
+        &broker,
+        &[
+            ("DATABASE_URL", url_with_password.as_str()),
+            ("OUTBOXD_HTTP_ADMIN_TOKEN", ADMIN_TOKEN),
+            ("OUTBOXD_ROUTING_ROUTES", "*=rabbitmq,webhook:hook"),
+            ("OUTBOXD_WEBHOOK_HOOK_URL", hook_url.as_str()),
+            ("OUTBOXD_WEBHOOK_HOOK_SECRETS", HOOK_SECRET),
+            ("RUST_LOG", "debug"),
+        ],
+    );
+    instance.wait_running().await;
+
+    // Rows a careless producer might write: odd JSON where JSON is expected, empty and
+    // non-ASCII text, defaults left out.
+    let client = db.client().await;
+    let inserted = client
+        .execute(
+            r#"INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, metadata)
+               VALUES ('order', '', 'order.created', '42', '[1, 2]'),
+                      ('order', '1', 'order.created', '"just text"', '"text"'),
+                      ('order', '2', 'ordér.créé', 'null', 'null'),
+                      ('', '3', 'order.created', '{"nested": {"deep": [1, {"x": null}]}}', '{"n": 1, "b": true}')"#,
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(inserted, 4);
+    // What the schema refuses, it refuses with a clear error to the producer.
+    let refused = client
+        .execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, metadata)
+             VALUES ('order', '4', 'order.created', '{}', NULL)",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    let refused = outboxd::store::error_text(&refused);
+    assert!(refused.contains("metadata"), "{refused}");
+
+    assert!(
+        db.wait_settled(Duration::from_secs(15)).await,
+        "{}",
+        instance.log()
+    );
+    assert_eq!(db.count("PUBLISHED").await, 4, "{}", instance.log());
+    assert_eq!(endpoint.hits().len(), 4);
+    assert_eq!(broker.received().len(), 4);
+
+    let (_, metrics) = support::http_get(instance.http_addr(), "/metrics").await;
+    let (status, _) = support::http_get(instance.http_addr(), "/api/dead-letters").await;
+    assert_eq!(status, 401);
+    let log = instance.log();
+    for secret in [
+        DB_PASSWORD,
+        ADMIN_TOKEN,
+        HOOK_SECRET,
+        "aG9vay1rZXktMGY5ZThkN2M2YjVh",
+        "hook-key-0f9e8d7c6b5a",
+    ] {
+        assert!(!log.contains(secret), "{secret} appears in the log");
+        assert!(!metrics.contains(secret), "{secret} appears in /metrics");
+    }
+}
