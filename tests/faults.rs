@@ -33,20 +33,27 @@ async fn kill_9_mid_load_then_restart_loses_nothing() {
     let broker = TestBroker::new(Some("#")).await;
     let (_proxy, broker_url) = slow_broker().await;
     let slow = [("OUTBOXD_RABBITMQ_URL", broker_url.as_str())];
-    let mut first = Instance::start(&db, &broker, &slow);
+    let mut first = Instance::start(&db.url, &broker, &slow);
     first.wait_running().await;
-    let producer = Producer::start(&db, EVENTS, 10).await;
+    let producer = Producer::start(&db.url, EVENTS, 10).await;
     wait_consumed(&broker, 500).await;
     first.kill_9();
     let fault_at = Instant::now();
     let orphaned = db.count("PROCESSING").await;
     println!("{orphaned} event(s) were in flight when the process died");
     assert!(orphaned > 0, "the fault hit mid-delivery");
-    let second = Instance::start(&db, &broker, &slow);
+    let second = Instance::start(&db.url, &broker, &slow);
     second.wait_running().await;
     let committed = producer.finish().await;
 
-    let audit = audit(&db, &broker, &committed, fault_at, Duration::from_secs(60)).await;
+    let audit = audit(
+        &db.url,
+        &broker,
+        &committed,
+        fault_at,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(audit.committed, EVENTS);
     assert_eq!(audit.lost, 0, "{audit:?}\n{}", second.log());
     assert_eq!(db.count("PUBLISHED").await, EVENTS as i64);
@@ -74,22 +81,29 @@ async fn one_of_three_instances_killed_the_others_take_over() {
     let broker = TestBroker::new(Some("#")).await;
     let (_proxy, broker_url) = slow_broker().await;
     let slow = [("OUTBOXD_RABBITMQ_URL", broker_url.as_str())];
-    let mut doomed = Instance::start(&db, &broker, &slow);
+    let mut doomed = Instance::start(&db.url, &broker, &slow);
     let others = [
-        Instance::start(&db, &broker, &slow),
-        Instance::start(&db, &broker, &slow),
+        Instance::start(&db.url, &broker, &slow),
+        Instance::start(&db.url, &broker, &slow),
     ];
     doomed.wait_running().await;
     for other in &others {
         other.wait_running().await;
     }
-    let producer = Producer::start(&db, EVENTS, 10).await;
+    let producer = Producer::start(&db.url, EVENTS, 10).await;
     wait_consumed(&broker, 500).await;
     doomed.kill_9();
     let fault_at = Instant::now();
     let committed = producer.finish().await;
 
-    let audit = audit(&db, &broker, &committed, fault_at, Duration::from_secs(60)).await;
+    let audit = audit(
+        &db.url,
+        &broker,
+        &committed,
+        fault_at,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(audit.lost, 0, "{audit:?}");
     assert_eq!(db.count("PUBLISHED").await, EVENTS as i64);
 }
@@ -100,9 +114,9 @@ async fn sigterm_under_load_exits_zero_and_leaves_no_lease_behind() {
     let broker = TestBroker::new(Some("#")).await;
     let (_proxy, broker_url) = slow_broker().await;
     let slow = [("OUTBOXD_RABBITMQ_URL", broker_url.as_str())];
-    let mut first = Instance::start(&db, &broker, &slow);
+    let mut first = Instance::start(&db.url, &broker, &slow);
     first.wait_running().await;
-    let producer = Producer::start(&db, EVENTS, 10).await;
+    let producer = Producer::start(&db.url, EVENTS, 10).await;
     wait_consumed(&broker, 500).await;
     let code = first.terminate().await;
     let fault_at = Instant::now();
@@ -119,10 +133,17 @@ async fn sigterm_under_load_exits_zero_and_leaves_no_lease_behind() {
         .get(0);
     assert_eq!(leased, 0, "{}", first.log());
 
-    let second = Instance::start(&db, &broker, &slow);
+    let second = Instance::start(&db.url, &broker, &slow);
     second.wait_running().await;
     let committed = producer.finish().await;
-    let audit = audit(&db, &broker, &committed, fault_at, Duration::from_secs(60)).await;
+    let audit = audit(
+        &db.url,
+        &broker,
+        &committed,
+        fault_at,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(audit.lost, 0, "{audit:?}");
     assert_eq!(db.count("PUBLISHED").await, EVENTS as i64);
 }
@@ -133,9 +154,9 @@ async fn broker_connections_dropped_and_refused_then_everything_is_delivered() {
     let broker = TestBroker::new(Some("#")).await;
     let proxy = CountingProxy::start("127.0.0.1:5672".parse().unwrap()).await;
     let url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
-    let instance = Instance::start(&db, &broker, &[("OUTBOXD_RABBITMQ_URL", url.as_str())]);
+    let instance = Instance::start(&db.url, &broker, &[("OUTBOXD_RABBITMQ_URL", url.as_str())]);
     instance.wait_running().await;
-    let producer = Producer::start(&db, EVENTS, 10).await;
+    let producer = Producer::start(&db.url, EVENTS, 10).await;
     wait_consumed(&broker, 500).await;
     proxy.refuse(true);
     proxy.cut();
@@ -150,7 +171,14 @@ async fn broker_connections_dropped_and_refused_then_everything_is_delivered() {
     proxy.refuse(false);
     let committed = producer.finish().await;
 
-    let audit = audit(&db, &broker, &committed, fault_at, Duration::from_secs(60)).await;
+    let audit = audit(
+        &db.url,
+        &broker,
+        &committed,
+        fault_at,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(audit.lost, 0, "{audit:?}\n{}", instance.log());
     assert_eq!(db.count("PUBLISHED").await, EVENTS as i64);
     assert_eq!(
@@ -177,7 +205,7 @@ async fn flapping_webhook_gets_everything_with_bounded_retries() {
     let url = endpoint.url();
     let routes = "*=webhook:flappy";
     let instance = Instance::start(
-        &db,
+        &db.url,
         &broker,
         &[
             ("OUTBOXD_ROUTING_ROUTES", routes),
@@ -193,7 +221,7 @@ async fn flapping_webhook_gets_everything_with_bounded_retries() {
         ],
     );
     instance.wait_running().await;
-    let producer = Producer::start(&db, N, 10).await;
+    let producer = Producer::start(&db.url, N, 10).await;
     let committed = producer.finish().await;
     let fault_at = Instant::now();
     assert!(
@@ -239,7 +267,7 @@ async fn stalled_instance_is_fenced_when_it_wakes_after_another_took_over() {
     let pg = CountingProxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let stalled_url = pg.url(&db.name);
     let stalled = Instance::start(
-        &db,
+        &db.url,
         &broker,
         &[
             ("DATABASE_URL", stalled_url.as_str()),
@@ -249,7 +277,7 @@ async fn stalled_instance_is_fenced_when_it_wakes_after_another_took_over() {
         ],
     );
     stalled.wait_running().await;
-    let producer = Producer::start(&db, EVENTS, 10).await;
+    let producer = Producer::start(&db.url, EVENTS, 10).await;
     // Stall its database connections while it has batches in flight.
     let deadline = Instant::now() + Duration::from_secs(10);
     while db.count("PROCESSING").await == 0 {
@@ -260,7 +288,7 @@ async fn stalled_instance_is_fenced_when_it_wakes_after_another_took_over() {
     let fault_at = Instant::now();
     // A second instance, connected directly, reaps its leases and delivers.
     let rescuer = Instance::start(
-        &db,
+        &db.url,
         &broker,
         &[("OUTBOXD_RABBITMQ_URL", broker_url.as_str())],
     );
@@ -269,7 +297,14 @@ async fn stalled_instance_is_fenced_when_it_wakes_after_another_took_over() {
     tokio::time::sleep(Duration::from_secs(5)).await; // well past the 2 s lease
     pg.stall(false);
 
-    let audit = audit(&db, &broker, &committed, fault_at, Duration::from_secs(60)).await;
+    let audit = audit(
+        &db.url,
+        &broker,
+        &committed,
+        fault_at,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(audit.lost, 0, "{audit:?}");
     assert_eq!(db.count("PUBLISHED").await, EVENTS as i64);
     let addr = stalled.http_addr();
@@ -311,7 +346,7 @@ async fn careless_rows_are_delivered_and_secrets_never_show() {
         .replace("postgres@", &format!("postgres:{DB_PASSWORD}@"));
     let hook_url = endpoint.url();
     let instance = Instance::start(
-        &db,
+        &db.url,
         &broker,
         &[
             ("DATABASE_URL", url_with_password.as_str()),
@@ -374,4 +409,82 @@ async fn careless_rows_are_delivered_and_secrets_never_show() {
         assert!(!log.contains(secret), "{secret} appears in the log");
         assert!(!metrics.contains(secret), "{secret} appears in /metrics");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_during_load_loses_nothing() {
+    use support::private_pg::PrivateCluster;
+    let cluster = tokio::task::spawn_blocking(PrivateCluster::start)
+        .await
+        .unwrap();
+    let admin =
+        outboxd::store::connect_once(&cluster.url("postgres"), Duration::from_secs(5), "test")
+            .await
+            .unwrap();
+    admin.batch_execute("CREATE DATABASE app").await.unwrap();
+    let url = cluster.url("app");
+    let mut client = outboxd::store::connect_once(&url, Duration::from_secs(5), "test")
+        .await
+        .unwrap();
+    outboxd::store::migrate::run(&mut client).await.unwrap();
+    outboxd::store::partitions::ensure(&mut client, 7)
+        .await
+        .unwrap();
+    drop(client);
+
+    let broker = TestBroker::new(Some("#")).await;
+    let (_slow, broker_url) = slow_broker().await;
+    let instance = Instance::start(
+        &url,
+        &broker,
+        &[("OUTBOXD_RABBITMQ_URL", broker_url.as_str())],
+    );
+    instance.wait_running().await;
+    let producer = Producer::start(&url, EVENTS, 10).await;
+    wait_consumed(&broker, 500).await;
+    let restarting = tokio::task::spawn_blocking(move || {
+        cluster.restart();
+        cluster
+    });
+    let fault_at = Instant::now();
+    let cluster = restarting.await.unwrap();
+    let acknowledged = producer.finish().await;
+
+    // The database is the truth: every event in it must have been consumed.
+    let audit_at = Instant::now();
+    let audited = audit(
+        &url,
+        &broker,
+        &acknowledged,
+        fault_at,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(audited.lost, 0, "{audited:?}\n{}", instance.log());
+    let client = outboxd::store::connect_once(&url, Duration::from_secs(5), "test")
+        .await
+        .unwrap();
+    let stored: Vec<uuid::Uuid> = client
+        .query("SELECT tracking_id FROM outbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let all = audit(&url, &broker, &stored, audit_at, Duration::from_secs(30)).await;
+    assert_eq!(all.lost, 0, "{all:?}");
+    let published: i64 = client
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE status = 'PUBLISHED'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(published as usize, stored.len());
+    assert!(
+        instance.log().contains("listener connection lost"),
+        "the listener saw the restart"
+    );
+    drop(cluster);
 }

@@ -2,7 +2,7 @@
 //! a producer committing events while faults happen, and the audit every scenario ends
 //! with (every committed event consumed, none lost; duplicates counted).
 
-use super::{TestBroker, TestDb};
+use super::TestBroker;
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -17,9 +17,9 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// Starts `outboxd run` on `db` and `broker` with fault-friendly timings (2 s lease)
+    /// Starts `outboxd run` on the database and `broker` with fault-friendly timings (2 s lease)
     /// plus `extra` environment.
-    pub fn start(db: &TestDb, broker: &TestBroker, extra: &[(&str, &str)]) -> Instance {
+    pub fn start(database_url: &str, broker: &TestBroker, extra: &[(&str, &str)]) -> Instance {
         let mut command = Command::new(env!("CARGO_BIN_EXE_outboxd"));
         command.arg("run");
         for (name, _) in std::env::vars() {
@@ -28,7 +28,7 @@ impl Instance {
             }
         }
         command
-            .env("DATABASE_URL", &db.url)
+            .env("DATABASE_URL", database_url)
             .env("OUTBOXD_RABBITMQ_EXCHANGE", &broker.exchange)
             .env("OUTBOXD_RABBITMQ_DECLARE_EXCHANGE", "false")
             .env("OUTBOXD_HTTP_LISTEN", "127.0.0.1:0")
@@ -129,13 +129,30 @@ pub struct Producer {
 }
 
 impl Producer {
-    pub async fn start(db: &TestDb, total: usize, per_commit: usize) -> Producer {
-        let mut client = db.client().await;
+    /// `url`: the database to commit into. A commit that fails (the server restarts)
+    /// is tried again on a new connection with new events; only acknowledged commits are
+    /// recorded (a failed one may still have committed: the database is the truth).
+    pub async fn start(url: &str, total: usize, per_commit: usize) -> Producer {
+        let url = url.to_string();
         let committed = Arc::new(Mutex::new(Vec::with_capacity(total)));
         let record = Arc::clone(&committed);
         let task = tokio::spawn(async move {
+            let mut client: Option<tokio_postgres::Client> = None;
             let mut n = 0;
             while n < total {
+                let Some(connected) = client.as_mut() else {
+                    match outboxd::store::connect_once(
+                        &url,
+                        Duration::from_secs(2),
+                        "outboxd-test-producer",
+                    )
+                    .await
+                    {
+                        Ok(c) => client = Some(c),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                    continue;
+                };
                 let events: Vec<outboxd::NewEvent> = (n..(n + per_commit).min(total))
                     .map(|i| {
                         outboxd::NewEvent::new(
@@ -146,12 +163,23 @@ impl Producer {
                         )
                     })
                     .collect();
-                let tx = client.transaction().await.unwrap();
-                let ids = outboxd::enqueue_many(&tx, &events).await.unwrap();
-                tx.commit().await.unwrap();
-                n += ids.len();
-                record.lock().unwrap().extend(ids);
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                let attempt = async {
+                    let tx = connected.transaction().await?;
+                    let ids = outboxd::enqueue_many(&tx, &events).await?;
+                    tx.commit().await?;
+                    Ok::<_, tokio_postgres::Error>(ids)
+                };
+                match attempt.await {
+                    Ok(ids) => {
+                        n += ids.len();
+                        record.lock().unwrap().extend(ids);
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err(_) => {
+                        client = None;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
             }
         });
         Producer { committed, task }
@@ -176,7 +204,7 @@ pub struct Audit {
 /// Waits (up to `timeout`) until every committed event was consumed and every row is
 /// PUBLISHED, then counts. `fault_at`: when the fault was injected.
 pub async fn audit(
-    db: &TestDb,
+    url: &str,
     broker: &TestBroker,
     committed: &[Uuid],
     fault_at: Instant,
@@ -184,13 +212,24 @@ pub async fn audit(
 ) -> Audit {
     let wanted: HashSet<String> = committed.iter().map(|id| id.to_string()).collect();
     let deadline = Instant::now() + timeout;
+    let client = outboxd::store::connect_once(url, Duration::from_secs(5), "outboxd-test-audit")
+        .await
+        .unwrap();
     loop {
         let received: HashSet<String> = broker
             .received()
             .into_iter()
             .map(|m| m.message_id)
             .collect();
-        if wanted.is_subset(&received) && db.wait_settled(Duration::ZERO).await {
+        let open: i64 = client
+            .query_one(
+                "SELECT count(*) FROM outbox WHERE status IN ('PENDING', 'PROCESSING')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if wanted.is_subset(&received) && open == 0 {
             break;
         }
         if Instant::now() > deadline {

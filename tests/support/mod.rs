@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fleet;
+pub mod private_pg;
 pub mod proxy;
 pub mod webhook;
 
