@@ -488,3 +488,213 @@ async fn postgres_restart_during_load_loses_nothing() {
     );
     drop(cluster);
 }
+
+fn outboxd_cli(args: &[&str], database_url: &str) -> std::process::Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("OUTBOXD_") || name == "DATABASE_URL" {
+            command.env_remove(name);
+        }
+    }
+    command
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_database_password_is_a_clear_error_that_hides_the_password() {
+    use support::private_pg::PrivateCluster;
+    let cluster = tokio::task::spawn_blocking(|| {
+        PrivateCluster::start_with(Some("right-horse-battery"), |_| Vec::new())
+    })
+    .await
+    .unwrap();
+    let url = format!(
+        "postgres://postgres:wrong-staple-7431@127.0.0.1:{}/postgres?sslmode=disable",
+        cluster.port
+    );
+    let output = outboxd_cli(&["migrate"], &url);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("password authentication failed"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("DATABASE_URL"), "{stderr}");
+    assert!(
+        !stderr.contains("wrong-staple-7431"),
+        "the password is not shown: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"));
+    let right = format!(
+        "postgres://postgres:right-horse-battery@127.0.0.1:{}/postgres?sslmode=disable",
+        cluster.port
+    );
+    let output = outboxd_cli(&["migrate"], &right);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A CA, and a server certificate it signed for `localhost` only.
+fn certificates(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    for ca in ["ca", "other-ca"] {
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=outboxd test {ca}"),
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.pem"),
+        ]);
+    }
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+    let owned = std::process::Command::new("chown")
+        .args(["postgres:postgres", "server.key", "server.pem"])
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(owned.success());
+    let private = std::process::Command::new("chmod")
+        .args(["600", "server.key"])
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(private.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_tls_is_verified_as_the_url_asks_and_never_downgraded() {
+    use support::private_pg::PrivateCluster;
+    let cluster = tokio::task::spawn_blocking(|| {
+        PrivateCluster::start_with(None, |dir| {
+            certificates(dir);
+            vec![
+                "ssl=on".into(),
+                format!("ssl_cert_file={}", dir.join("server.pem").display()),
+                format!("ssl_key_file={}", dir.join("server.key").display()),
+            ]
+        })
+    })
+    .await
+    .unwrap();
+    let ca = cluster.dir.join("ca.pem");
+    let other_ca = cluster.dir.join("other-ca.pem");
+    let url = |host: &str, mode: &str, root: &std::path::Path| {
+        format!(
+            "postgres://postgres@{host}:{}/postgres?sslmode={mode}&sslrootcert={}",
+            cluster.port,
+            root.display()
+        )
+    };
+    // The right CA and host name: migrate works over verified TLS.
+    let output = outboxd_cli(&["migrate"], &url("localhost", "verify-full", &ca));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The server really saw TLS.
+    let client = outboxd::store::connect_once(
+        &url("localhost", "verify-full", &ca),
+        Duration::from_secs(5),
+        "test",
+    )
+    .await
+    .unwrap();
+    let ssl: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl);
+    // A certificate from another CA is refused.
+    let output = outboxd_cli(&["migrate"], &url("localhost", "verify-full", &other_ca));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot connect") && stderr.to_lowercase().contains("certificate"),
+        "{stderr}"
+    );
+    // The wrong host name is refused by verify-full, accepted by verify-ca.
+    let output = outboxd_cli(&["migrate"], &url("127.0.0.1", "verify-full", &ca));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let output = outboxd_cli(&["migrate"], &url("127.0.0.1", "verify-ca", &ca));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // A server without TLS is refused under verify-full, not used in the clear.
+    let plain = tokio::task::spawn_blocking(PrivateCluster::start)
+        .await
+        .unwrap();
+    let plain_url = format!(
+        "postgres://postgres@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
+        plain.port,
+        ca.display()
+    );
+    let output = outboxd_cli(&["migrate"], &plain_url);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    drop(plain);
+    drop(cluster);
+}

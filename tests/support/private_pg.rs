@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::process::Command;
 
 pub struct PrivateCluster {
-    dir: PathBuf,
+    pub dir: PathBuf,
     pub port: u16,
     bin: PathBuf,
+    options: Vec<String>,
 }
 
 fn bin_dir() -> PathBuf {
@@ -39,6 +40,15 @@ fn as_postgres(args: &[&str]) -> std::process::Output {
 impl PrivateCluster {
     /// A new cluster, started, trusting local connections.
     pub fn start() -> PrivateCluster {
+        Self::start_with(None, |_| Vec::new())
+    }
+
+    /// A new cluster; with `password`, connections must authenticate (scram-sha-256);
+    /// `options(dir)` adds server settings (`-c name=value`), e.g. files placed in `dir`.
+    pub fn start_with(
+        password: Option<&str>,
+        options: impl FnOnce(&std::path::Path) -> Vec<String>,
+    ) -> PrivateCluster {
         let dir =
             std::env::temp_dir().join(format!("outboxd-pg-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -54,17 +64,40 @@ impl PrivateCluster {
             .port();
         let bin = bin_dir();
         let data = dir.join("data");
-        as_postgres(&[
-            bin.join("initdb").to_str().unwrap(),
-            "-D",
-            data.to_str().unwrap(),
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "--no-sync",
-        ]);
-        let cluster = PrivateCluster { dir, port, bin };
+        let pwfile = dir.join("pwfile");
+        let mut initdb = vec![
+            bin.join("initdb").to_str().unwrap().to_string(),
+            "-D".into(),
+            data.to_str().unwrap().into(),
+            "-U".into(),
+            "postgres".into(),
+            "--no-sync".into(),
+        ];
+        match password {
+            Some(password) => {
+                std::fs::write(&pwfile, password).unwrap();
+                let chown = Command::new("chown")
+                    .args(["postgres:postgres", pwfile.to_str().unwrap()])
+                    .status()
+                    .unwrap();
+                assert!(chown.success());
+                initdb.extend([
+                    "-A".into(),
+                    "scram-sha-256".into(),
+                    format!("--pwfile={}", pwfile.display()),
+                ]);
+            }
+            None => initdb.extend(["-A".into(), "trust".into()]),
+        }
+        let initdb: Vec<&str> = initdb.iter().map(String::as_str).collect();
+        as_postgres(&initdb);
+        let options = options(&dir);
+        let cluster = PrivateCluster {
+            dir,
+            port,
+            bin,
+            options,
+        };
         cluster.pg_ctl(&["start"]);
         cluster
     }
@@ -72,11 +105,15 @@ impl PrivateCluster {
     fn pg_ctl(&self, action: &[&str]) {
         let data = self.dir.join("data");
         let log = self.dir.join("log");
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
             self.port,
             self.dir.display()
         );
+        for option in &self.options {
+            options.push_str(" -c ");
+            options.push_str(option);
+        }
         let mut args = vec![
             self.bin.join("pg_ctl").to_str().unwrap().to_string(),
             "-D".into(),
