@@ -222,6 +222,8 @@ pub struct RabbitMqConfig {
     /// Larger payloads are dead-lettered instead of published (keep it at or below the
     /// broker's `max_message_size`, which closes the channel over a larger message).
     pub max_payload_bytes: usize,
+    /// For `amqps://`: a PEM file of the CA(s) to trust instead of the system's roots.
+    pub ca_file: String,
     #[serde(with = "duration_text")]
     pub reconnect_min_delay: Duration,
     #[serde(with = "duration_text")]
@@ -293,6 +295,7 @@ impl Default for RabbitMqConfig {
             routing_key: "{event_type}".into(),
             confirm_timeout: Duration::from_secs(10),
             max_payload_bytes: 16 * 1024 * 1024,
+            ca_file: String::new(),
             reconnect_min_delay: Duration::from_millis(200),
             reconnect_max_delay: Duration::from_secs(10),
         }
@@ -479,6 +482,14 @@ impl Config {
             q.max_payload_bytes,
             1..=536_870_912,
         )?;
+        if !q.ca_file.is_empty() && !std::path::Path::new(&q.ca_file).is_file() {
+            return Err(invalid(
+                "rabbitmq",
+                "ca_file",
+                &q.ca_file,
+                "is not a readable file",
+            ));
+        }
         backoff_bounds("rabbitmq", q.reconnect_min_delay, q.reconnect_max_delay)?;
 
         let p = &self.partitions;

@@ -698,3 +698,164 @@ async fn postgres_tls_is_verified_as_the_url_asks_and_never_downgraded() {
     drop(plain);
     drop(cluster);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_over_tls_is_verified_against_the_configured_ca() {
+    use support::tls_proxy::TlsProxy;
+    let dir = std::env::temp_dir().join(format!("outboxd-amqps-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    certificates(&dir);
+    let cert = std::fs::read(dir.join("server.pem")).unwrap();
+    let key = std::fs::read(dir.join("server.key")).unwrap();
+    let proxy = TlsProxy::start("127.0.0.1:5672".parse().unwrap(), &cert, &key).await;
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let amqps = |host: &str| format!("amqps://guest:guest@{host}:{}/%2f", proxy.addr.port());
+    let ca = dir.join("ca.pem").display().to_string();
+    let other_ca = dir.join("other-ca.pem").display().to_string();
+
+    // The right CA and host name: delivered over TLS.
+    let good = amqps("localhost");
+    let instance = Instance::start(
+        &db.url,
+        &broker,
+        &[
+            ("OUTBOXD_RABBITMQ_URL", good.as_str()),
+            ("OUTBOXD_RABBITMQ_CA_FILE", ca.as_str()),
+        ],
+    );
+    instance.wait_running().await;
+    let producer = Producer::start(&db.url, 200, 10).await;
+    let committed = producer.finish().await;
+    let audited = audit(
+        &db.url,
+        &broker,
+        &committed,
+        Instant::now(),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(audited.lost, 0, "{audited:?}\n{}", instance.log());
+    drop(instance);
+
+    // Another CA, or a name the certificate does not carry: refused, events wait.
+    for (url, ca_file) in [
+        (amqps("localhost"), other_ca.as_str()),
+        (amqps("127.0.0.1"), ca.as_str()),
+    ] {
+        let refused = Instance::start(
+            &db.url,
+            &broker,
+            &[
+                ("OUTBOXD_RABBITMQ_URL", url.as_str()),
+                ("OUTBOXD_RABBITMQ_CA_FILE", ca_file),
+            ],
+        );
+        refused.wait_running().await;
+        let client = db.client().await;
+        let tracking_id = outboxd::enqueue(
+            &client,
+            &outboxd::NewEvent::new("order", "x", "order.created", serde_json::json!({})),
+        )
+        .await
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !refused.log().contains("RabbitMQ unreachable") {
+            assert!(Instant::now() < deadline, "{}", refused.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let log = refused.log();
+        assert!(
+            log.to_lowercase().contains("certificate") || log.contains("TLS"),
+            "{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            broker
+                .received()
+                .iter()
+                .all(|m| m.message_id != tracking_id.to_string()),
+            "nothing is sent over an unverified connection"
+        );
+        let status: String = client
+            .query_one(
+                "SELECT status FROM outbox WHERE tracking_id = $1",
+                &[&tracking_id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_ne!(status, "PUBLISHED");
+        drop(refused);
+        client
+            .execute("DELETE FROM outbox WHERE tracking_id = $1", &[&tracking_id])
+            .await
+            .unwrap();
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_events_dead_letter_while_everything_else_flows() {
+    use support::webhook::{Endpoint, Reply};
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let refusing = Endpoint::start(|_| Reply::status(400).with_body("schema mismatch")).await;
+    let hook_url = refusing.url();
+    let instance = Instance::start(
+        &db.url,
+        &broker,
+        &[
+            ("OUTBOXD_RABBITMQ_MAX_PAYLOAD_BYTES", "4096"),
+            (
+                "OUTBOXD_ROUTING_ROUTES",
+                "legacy.*=webhook:legacy; *=rabbitmq",
+            ),
+            ("OUTBOXD_WEBHOOK_LEGACY_URL", hook_url.as_str()),
+            (
+                "OUTBOXD_WEBHOOK_LEGACY_SECRETS",
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            ),
+        ],
+    );
+    instance.wait_running().await;
+    let producer = Producer::start(&db.url, EVENTS, 10).await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             VALUES ('order', 'big', 'order.created', jsonb_build_object('blob', repeat('x', 10000))),
+                    ('legacy', 'old', 'legacy.imported', '{}')",
+        )
+        .await
+        .unwrap();
+    let committed = producer.finish().await;
+    let audited = audit(
+        &db.url,
+        &broker,
+        &committed,
+        Instant::now(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(audited.lost, 0, "{audited:?}");
+    let rows = client
+        .query(
+            "SELECT aggregate_id, attempts, last_error FROM outbox WHERE status = 'DEAD_LETTER' ORDER BY aggregate_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    let (big, old) = (&rows[0], &rows[1]);
+    assert_eq!(big.get::<_, String>(0), "big");
+    assert_eq!(big.get::<_, i32>(1), 1);
+    assert!(big.get::<_, String>(2).contains("max_payload_bytes"));
+    assert_eq!(old.get::<_, String>(0), "old");
+    assert_eq!(old.get::<_, i32>(1), 1);
+    assert!(
+        old.get::<_, String>(2)
+            .contains("HTTP 400: schema mismatch")
+    );
+    assert_eq!(db.count("PUBLISHED").await, EVENTS as i64);
+}

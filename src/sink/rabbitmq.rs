@@ -200,7 +200,26 @@ impl RabbitMqSink {
 
     async fn open(&self) -> Result<Live, String> {
         let url = &self.config.url;
-        let connect = Connection::connect(url, ConnectionProperties::default());
+        let connect = async {
+            if self.config.ca_file.is_empty() {
+                return Connection::connect(url, ConnectionProperties::default()).await;
+            }
+            // amqps with a private CA: trust exactly the configured certificates.
+            let cert_chain = std::fs::read_to_string(&self.config.ca_file).map_err(|e| {
+                lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(e)))
+            })?;
+            let tls = lapin::tcp::OwnedTLSConfig {
+                identity: None,
+                cert_chain: Some(cert_chain),
+            };
+            Connection::connect_with_config(
+                url,
+                ConnectionProperties::default(),
+                tls,
+                lapin::runtime::default_runtime()?,
+            )
+            .await
+        };
         let connection = tokio::time::timeout(self.config.confirm_timeout, connect)
             .await
             .map_err(|_| format!("cannot connect to RabbitMQ at {}: timed out", redact(url)))?

@@ -6,6 +6,7 @@
 pub mod fleet;
 pub mod private_pg;
 pub mod proxy;
+pub mod tls_proxy;
 pub mod webhook;
 
 /// A plain HTTP GET on 127.0.0.1 (status code, body).
