@@ -221,15 +221,7 @@ pub async fn audit(
             .into_iter()
             .map(|m| m.message_id)
             .collect();
-        let open: i64 = client
-            .query_one(
-                "SELECT count(*) FROM outbox WHERE status IN ('PENDING', 'PROCESSING')",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if wanted.is_subset(&received) && open == 0 {
+        if wanted.is_subset(&received) && super::open_events(&client).await == 0 {
             break;
         }
         if Instant::now() > deadline {

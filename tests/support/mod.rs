@@ -212,15 +212,7 @@ impl TestDb {
         let client = self.client().await;
         let deadline = Instant::now() + timeout;
         loop {
-            let open: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM outbox WHERE status IN ('PENDING', 'PROCESSING')",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if open == 0 {
+            if open_events(&client).await == 0 {
                 return true;
             }
             if Instant::now() > deadline {
@@ -242,6 +234,18 @@ fn block_on_aside(work: impl std::future::Future<Output = ()> + Send + 'static) 
             .block_on(work);
     })
     .join();
+}
+
+/// Events not finished yet (PENDING or PROCESSING).
+pub async fn open_events(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE status IN ('PENDING', 'PROCESSING')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 async fn admin() -> tokio_postgres::Client {
