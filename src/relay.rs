@@ -617,12 +617,16 @@ impl Deliverer {
             }
         }
         let retries = retry.iter().map(|r| r.delay).collect();
-        let completed = persist(|| self.store.complete(lock_token, &complete)).await;
-        self.apply("complete", complete.len(), completed);
-        let rescheduled = persist(|| self.store.schedule_retry(lock_token, &retry)).await;
-        self.apply("schedule_retry", retry.len(), rescheduled);
-        let buried = persist(|| self.store.bury(lock_token, &bury)).await;
-        self.apply("bury", bury.len(), buried);
+        self.write("complete", complete.len(), || {
+            self.store.complete(lock_token, &complete)
+        })
+        .await;
+        self.write("schedule_retry", retry.len(), || {
+            self.store.schedule_retry(lock_token, &retry)
+        })
+        .await;
+        self.write("bury", bury.len(), || self.store.bury(lock_token, &bury))
+            .await;
         BatchReport { retries }
     }
 
@@ -644,8 +648,8 @@ impl Deliverer {
                     })
                     .collect();
                 tracing::warn!(events = bury.len(), "unrouted events moved to dead letters");
-                let buried = persist(|| self.store.bury(lock_token, &bury)).await;
-                self.apply("bury", bury.len(), buried);
+                self.write("bury", bury.len(), || self.store.bury(lock_token, &bury))
+                    .await;
             }
             Unrouted::Skip => {
                 let complete: Vec<CompleteItem> = events
@@ -656,8 +660,10 @@ impl Deliverer {
                         acked: Vec::new(),
                     })
                     .collect();
-                let completed = persist(|| self.store.complete(lock_token, &complete)).await;
-                self.apply("complete", complete.len(), completed);
+                self.write("complete", complete.len(), || {
+                    self.store.complete(lock_token, &complete)
+                })
+                .await;
             }
         }
         BatchReport {
@@ -707,10 +713,19 @@ impl Deliverer {
         }
     }
 
-    /// Counts outcomes the lease fence refused (invariant 3). A failed statement leaves
-    /// the events leased: the reaper returns them and they are delivered again.
-    fn apply(&self, verb: &'static str, expected: usize, result: Result<Vec<i64>, StoreError>) {
-        match result {
+    /// Records one kind of outcome for `expected` events (retried while the database is
+    /// briefly away) and counts those the lease fence refused (invariant 3). A failed
+    /// statement leaves the events leased: the reaper returns them and they are
+    /// delivered again.
+    async fn write<F, Fut>(&self, verb: &'static str, expected: usize, statement: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<i64>, StoreError>>,
+    {
+        if expected == 0 {
+            return;
+        }
+        match persist(statement).await {
             Ok(done) if done.len() < expected => {
                 let fenced = expected - done.len();
                 self.metrics.fenced_outcomes.inc_by(fenced as u64);
