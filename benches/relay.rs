@@ -64,7 +64,7 @@ enum RelayKind {
 
 /// A relay running for one scenario.
 enum Running {
-    Outboxd(Outboxd),
+    Outboxd(Box<Outboxd>),
     Baseline(
         tokio_util::sync::CancellationToken,
         tokio::task::JoinHandle<()>,
@@ -79,7 +79,7 @@ impl Running {
                 while service.metrics().listener_connected.get() != 1 {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                Running::Outboxd(service)
+                Running::Outboxd(Box::new(service))
             }
             RelayKind::Baseline => {
                 let stop = tokio_util::sync::CancellationToken::new();

@@ -15,6 +15,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub listener: ListenerConfig,
     pub relay: RelayConfig,
+    pub high_load: HighLoadConfig,
     pub retry: RetryConfig,
     pub rabbitmq: RabbitMqConfig,
     pub partitions: PartitionsConfig,
@@ -190,6 +191,38 @@ pub struct RelayConfig {
     /// released to PENDING.
     #[serde(with = "duration_text")]
     pub shutdown_grace: Duration,
+}
+
+/// High-load (drain) mode: under sustained load the NOTIFY trigger is switched off (its
+/// commit lock serializes producers) and outboxd claims back to back instead.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HighLoadConfig {
+    /// Off: notifications stay on whatever the load.
+    pub enabled: bool,
+    /// Enter drain mode when this instance claims at least this many events in a second.
+    pub enter_rate: u64,
+    /// Leave drain mode when it claims fewer than this many in a second.
+    pub exit_rate: u64,
+    /// How long drain mode lasts unless renewed (every second while the load stays):
+    /// the longest notifications stay off after the draining instance died.
+    #[serde(with = "duration_text")]
+    pub lease: Duration,
+    /// In drain mode: the pause between claims that came back short.
+    #[serde(with = "duration_text")]
+    pub poll_interval: Duration,
+}
+
+impl Default for HighLoadConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            enter_rate: 2_000,
+            exit_rate: 1_000,
+            lease: Duration::from_secs(5),
+            poll_interval: Duration::from_millis(2),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -427,6 +460,36 @@ impl Config {
             ));
         }
         positive("relay", "safety_sweep_interval", r.safety_sweep_interval)?;
+
+        let h = &self.high_load;
+        in_range("high_load", "enter_rate", h.enter_rate, 1..=10_000_000)?;
+        if h.exit_rate >= h.enter_rate {
+            return Err(invalid(
+                "high_load",
+                "exit_rate",
+                h.exit_rate,
+                format!(
+                    "must be below high_load.enter_rate ({}), or the mode would flap",
+                    h.enter_rate
+                ),
+            ));
+        }
+        if h.lease < Duration::from_secs(2) {
+            return Err(invalid(
+                "high_load",
+                "lease",
+                show(h.lease),
+                "must be at least 2s (drain mode is renewed every second)",
+            ));
+        }
+        if h.poll_interval < Duration::from_millis(1) || h.poll_interval > Duration::from_secs(1) {
+            return Err(invalid(
+                "high_load",
+                "poll_interval",
+                show(h.poll_interval),
+                "must be between 1ms and 1s",
+            ));
+        }
 
         let t = &self.retry;
         in_range("retry", "max_attempts", t.max_attempts, 1..=1000)?;

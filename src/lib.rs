@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod event;
 pub mod health;
+pub mod high_load;
 pub mod http;
 pub mod listener;
 pub mod maintenance;

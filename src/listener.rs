@@ -31,6 +31,10 @@ pub enum Wake {
     Sweep,
     /// LISTEN is (again) in place: claim everything committed while nobody listened.
     Reconnected,
+    /// Another instance entered or renewed high-load (drain) mode.
+    Drain,
+    /// Another instance left drain mode.
+    Notify,
 }
 
 /// Why a listening session ended.
@@ -166,6 +170,8 @@ impl Listener {
                     let wake = match parse_payload(&payload) {
                         Ok(Notified::Ids(ids)) => Wake::Ids(ids),
                         Ok(Notified::Sweep) => Wake::Sweep,
+                        Ok(Notified::Drain) => Wake::Drain,
+                        Ok(Notified::Notify) => Wake::Notify,
                         Err(problem) => {
                             self.metrics.malformed_notifications.inc();
                             tracing::warn!(%problem, "malformed notification on {CHANNEL}; sweeping instead");

@@ -46,6 +46,9 @@ pub struct Metrics {
     pub oldest_pending_age: Gauge,
     pub events_dead_letter: IntGauge,
     pub notification_queue_usage: Gauge,
+    pub high_load_mode: IntGauge,
+    pub high_load_switches: IntCounterVec,
+    pub high_load_claims: IntCounter,
 }
 
 impl Default for Metrics {
@@ -155,6 +158,24 @@ impl Metrics {
             "pg_notification_queue_usage(): when the queue fills, producers' commits fail.",
         )
         .expect("metric");
+        let high_load_mode = IntGauge::new(
+            "outbox_high_load_mode",
+            "This instance's mode: 0 notify, 1 drain (claiming back to back), 2 leaving drain mode.",
+        )
+        .expect("metric");
+        let high_load_switches = IntCounterVec::new(
+            Opts::new(
+                "outbox_high_load_switches_total",
+                "Switches of this instance into drain mode and back to notify mode.",
+            ),
+            &["to"],
+        )
+        .expect("metric");
+        let high_load_claims = IntCounter::new(
+            "outbox_high_load_claims_total",
+            "Claims made because of drain mode (polls), not because of a notification.",
+        )
+        .expect("metric");
         let mut names = Vec::new();
         for collector in [
             Box::new(published.clone()) as Box<dyn prometheus::core::Collector>,
@@ -173,6 +194,9 @@ impl Metrics {
             Box::new(oldest_pending_age.clone()),
             Box::new(events_dead_letter.clone()),
             Box::new(notification_queue_usage.clone()),
+            Box::new(high_load_mode.clone()),
+            Box::new(high_load_switches.clone()),
+            Box::new(high_load_claims.clone()),
         ] {
             register(&registry, &mut names, collector);
         }
@@ -185,6 +209,9 @@ impl Metrics {
         );
         for kind in [SweepKind::Reconnect, SweepKind::Safety] {
             sweep_recovered.with_label_values(&[kind.label()]);
+        }
+        for to in ["drain", "notify"] {
+            high_load_switches.with_label_values(&[to]);
         }
         names.sort();
         Self {
@@ -206,6 +233,9 @@ impl Metrics {
             oldest_pending_age,
             events_dead_letter,
             notification_queue_usage,
+            high_load_mode,
+            high_load_switches,
+            high_load_claims,
         }
     }
 

@@ -1,5 +1,6 @@
 //! The NOTIFY payload on channel `outbox_events`: the ids of one INSERT statement as
-//! ranges (`"17-5016"`, `"17,19-21"`), or empty for "sweep: too many ids to list".
+//! ranges (`"17-5016"`, `"17,19-21"`), or empty for "sweep: too many ids to list";
+//! `"drain"` and `"notify"` announce a switch of high-load mode.
 //! Anyone may NOTIFY this channel, so a payload is parsed defensively: a malformed one is
 //! reported and answered with a sweep, never a crash.
 
@@ -10,6 +11,11 @@ pub enum Notified {
     Ids(Vec<i64>),
     /// Claim every due PENDING event (the ids did not fit in a payload).
     Sweep,
+    /// An instance entered or renewed high-load (drain) mode: producers stop notifying,
+    /// so claim back to back.
+    Drain,
+    /// An instance left drain mode: leave it too, race-free.
+    Notify,
 }
 
 /// A payload listing more ids than this is answered with a sweep instead.
@@ -18,8 +24,11 @@ pub const MAX_IDS_PER_NOTIFICATION: u64 = 100_000;
 /// Parses a payload. `Err` carries a description of what is wrong with it.
 pub fn parse_payload(payload: &str) -> Result<Notified, String> {
     let payload = payload.trim();
-    if payload.is_empty() {
-        return Ok(Notified::Sweep);
+    match payload {
+        "" => return Ok(Notified::Sweep),
+        "drain" => return Ok(Notified::Drain),
+        "notify" => return Ok(Notified::Notify),
+        _ => {}
     }
     let mut ids = Vec::new();
     let mut total: u64 = 0;
@@ -66,6 +75,8 @@ mod tests {
             ("17,19-21", Notified::Ids(vec![17, 19, 20, 21])),
             ("5,5", Notified::Ids(vec![5, 5])),
             ("0-100000000", Notified::Sweep),
+            ("drain", Notified::Drain),
+            (" notify ", Notified::Notify),
         ];
         for (payload, expected) in cases {
             assert_eq!(&parse_payload(payload).unwrap(), expected, "{payload:?}");

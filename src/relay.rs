@@ -6,6 +6,7 @@
 
 use crate::config::{RelayConfig, RetryConfig};
 use crate::event::{Event, Outcome};
+use crate::high_load::HighLoad;
 use crate::listener::Wake;
 use crate::metrics::{Metrics, SweepKind};
 use crate::retry::{backoff_delay, next_attempt_delay, random_jitter};
@@ -33,6 +34,8 @@ enum Sweep {
     Safety,
     /// The retry timer fired: events whose backoff ended.
     Retry,
+    /// High-load (drain) mode: producers do not notify, so claim whatever is due.
+    Drain,
     /// A notification carried no ids (too many for one payload) or could not be read.
     Requested,
     /// The listener (re)connected: everything committed while nobody listened.
@@ -44,7 +47,7 @@ impl Sweep {
         match self {
             Sweep::Safety => Some(SweepKind::Safety),
             Sweep::Reconnect => Some(SweepKind::Reconnect),
-            Sweep::Retry | Sweep::Requested => None,
+            Sweep::Retry | Sweep::Drain | Sweep::Requested => None,
         }
     }
 }
@@ -170,6 +173,7 @@ struct BatchReport {
 pub struct Relay {
     deliverer: Arc<Deliverer>,
     wakes: mpsc::UnboundedReceiver<Wake>,
+    high_load: Option<HighLoad>,
 }
 
 struct State {
@@ -181,6 +185,7 @@ struct State {
     claims_blocked_until: Option<Instant>,
     in_flight: JoinSet<BatchReport>,
     tokens: HashMap<tokio::task::Id, Uuid>,
+    high_load: HighLoad,
 }
 
 impl State {
@@ -198,7 +203,12 @@ impl State {
                 }
             }
             Wake::Sweep => self.request(Sweep::Requested),
-            Wake::Reconnected => self.request(Sweep::Reconnect),
+            Wake::Reconnected => {
+                self.request(Sweep::Reconnect);
+                self.high_load.reconnected();
+            }
+            Wake::Drain => self.high_load.heard_drain(),
+            Wake::Notify => self.high_load.heard_notify(),
         }
     }
 
@@ -226,6 +236,14 @@ impl Relay {
         metrics: Metrics,
         wakes: mpsc::UnboundedReceiver<Wake>,
     ) -> Self {
+        let high_load = HighLoad::new(
+            crate::config::HighLoadConfig {
+                enabled: false,
+                ..Default::default()
+            },
+            String::new(),
+            metrics.clone(),
+        );
         Self {
             deliverer: Arc::new(Deliverer {
                 store,
@@ -239,7 +257,15 @@ impl Relay {
                 metrics,
             }),
             wakes,
+            high_load: Some(high_load),
         }
+    }
+
+    /// High-load (drain) mode as configured. Without it, this relay never enters drain
+    /// mode itself but still follows other instances into it.
+    pub fn with_high_load(mut self, high_load: HighLoad) -> Self {
+        self.high_load = Some(high_load);
+        self
     }
 
     /// Runs until `shutdown`; then stops claiming, lets in-flight deliveries finish
@@ -259,6 +285,7 @@ impl Relay {
             claims_blocked_until: None,
             in_flight: JoinSet::new(),
             tokens: HashMap::new(),
+            high_load: self.high_load.take().expect("run once"),
         };
         loop {
             if shutdown.is_cancelled() {
@@ -268,6 +295,7 @@ impl Relay {
             let far = Instant::now() + Duration::from_secs(86_400);
             let next_retry = state.next_retry();
             let claims_blocked_until = state.claims_blocked_until;
+            let high_load_at = state.high_load.next_wake();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -296,6 +324,11 @@ impl Relay {
                 }
                 _ = sleep_until(claims_blocked_until.unwrap_or(far)), if claims_blocked_until.is_some() => {
                     state.claims_blocked_until = None;
+                }
+                _ = sleep_until(high_load_at.unwrap_or(far)), if high_load_at.is_some() => {
+                    if state.high_load.tick(&self.deliverer.store).await {
+                        state.request(Sweep::Drain);
+                    }
                 }
                 _ = safety.tick() => state.request(Sweep::Safety),
             }
@@ -362,6 +395,7 @@ impl Relay {
             match claimed {
                 Ok(claim) => {
                     state.claim_failures = 0;
+                    state.high_load.claimed(claim.events.len());
                     let token = claim.lock_token;
                     // Events of one route travel together; a slow destination holds up
                     // only the events routed to it.
@@ -390,6 +424,7 @@ impl Relay {
     }
 
     async fn drain(self, mut state: State) {
+        state.high_load.stop(&self.deliverer.store).await;
         let grace = self.deliverer.relay.shutdown_grace;
         let deadline = Instant::now() + grace;
         if !state.in_flight.is_empty() {

@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::health::Health;
+use crate::high_load::HighLoad;
 use crate::http::AppState;
 use crate::listener::Listener;
 use crate::maintenance::{GaugeRefresher, PartitionKeeper, Reaper};
@@ -121,7 +122,12 @@ impl Outboxd {
             config.retry.clone(),
             metrics.clone(),
             wakes_rx,
-        );
+        )
+        .with_high_load(HighLoad::new(
+            config.high_load.clone(),
+            instance_name(),
+            metrics.clone(),
+        ));
         tasks.spawn(relay.run(shutdown.clone()));
         let reaper = Reaper::new(
             store.clone(),
@@ -187,4 +193,16 @@ impl Outboxd {
         self.shutdown.cancelled().await;
         self.stop().await;
     }
+}
+
+/// This instance as `outbox_mode.holder` records it: host, process id and a random part
+/// (several instances may share a process in tests).
+fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "outboxd".into());
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}/{}/{}", std::process::id(), &random[..8])
 }

@@ -24,6 +24,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "redrives",
         sql: include_str!("../../migrations/0002_redrives.sql"),
     },
+    Migration {
+        version: 3,
+        name: "high_load",
+        sql: include_str!("../../migrations/0003_high_load.sql"),
+    },
 ];
 
 /// The advisory lock key migrations (and partition maintenance) take: "outboxd" in ASCII.

@@ -6,6 +6,7 @@
 //! Lease and due times use the database clock (`now()`), the one clock that every
 //! instance, on whatever host, agrees on.
 
+pub mod high_load;
 pub mod migrate;
 pub mod operations;
 pub mod partitions;
@@ -41,6 +42,10 @@ pub enum StoreError {
         "the outbox table does not exist in database {database:?}: run `outboxd migrate` first"
     )]
     SchemaMissing { database: String },
+    #[error(
+        "the outbox schema in database {database:?} is older than this outboxd ({missing} is missing): run `outboxd migrate` (or start with `run --migrate`)"
+    )]
+    SchemaOutdated { database: String, missing: String },
     #[error("{statement} failed: {source}")]
     Query {
         statement: &'static str,
@@ -65,7 +70,9 @@ impl StoreError {
                         code.starts_with("08") || code.starts_with("57") || code.starts_with("53")
                     })
             }
-            StoreError::BadUrl { .. } | StoreError::SchemaMissing { .. } => false,
+            StoreError::BadUrl { .. }
+            | StoreError::SchemaMissing { .. }
+            | StoreError::SchemaOutdated { .. } => false,
         }
     }
 
@@ -252,6 +259,22 @@ impl Store {
                 .map_err(StoreError::query("schema check"))?
                 .get(0);
             return Err(StoreError::SchemaMissing { database });
+        }
+        let current: bool = client
+            .query_one("SELECT to_regclass('outbox_mode') IS NOT NULL", &[])
+            .await
+            .map_err(StoreError::query("schema check"))?
+            .get(0);
+        if !current {
+            let database: String = client
+                .query_one("SELECT current_database()", &[])
+                .await
+                .map_err(StoreError::query("schema check"))?
+                .get(0);
+            return Err(StoreError::SchemaOutdated {
+                database,
+                missing: "table outbox_mode, migration 0003".into(),
+            });
         }
         Ok(store)
     }

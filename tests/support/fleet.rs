@@ -87,6 +87,10 @@ impl Instance {
         self.log.lock().unwrap().join("\n")
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: no chance to release anything.
     pub fn kill_9(&mut self) {
         self.child.kill().unwrap();
@@ -183,6 +187,12 @@ impl Producer {
             }
         });
         Producer { committed, task }
+    }
+
+    /// Stops committing; returns what was committed so far.
+    pub fn abort(self) -> Vec<Uuid> {
+        self.task.abort();
+        self.committed.lock().unwrap().clone()
     }
 
     pub async fn finish(self) -> Vec<Uuid> {

@@ -1,0 +1,379 @@
+//! High-load (drain) mode, as one instance sees it.
+//!
+//! A transaction that issued NOTIFY holds a cluster-wide lock through its commit, so a
+//! notifying trigger lets producers commit only one at a time. When this instance claims
+//! at least `enter_rate` events in a second it switches the trigger off for everyone
+//! (`outbox_mode`: drain mode, a lease renewed every second while the load lasts) and
+//! claims back to back instead, pausing `poll_interval` after a short claim. Other
+//! instances hear "drain" on the channel and claim back to back too.
+//!
+//! Leaving is race-free (design.md section 1): commit `mode = 'notify'` (or see the
+//! lease lapse), then take N := a fresh transaction id, and keep claiming, ever less
+//! often, until no transaction that could have read drain mode can still commit an event
+//! (`Store::drain_horizon_passed`); then claim once more and rely on notifications again.
+
+use crate::config::HighLoadConfig;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How often the load is measured (and drain mode renewed).
+const WINDOW: Duration = Duration::from_secs(1);
+/// The longest pause between claims while leaving drain mode.
+const MAX_LEAVING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// This instance's mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Notifications drive the claims.
+    Notify,
+    /// Claims back to back. `holding`: this instance entered or last renewed drain mode.
+    /// `lease_end`: when drain mode ends unless renewed, as far as this instance knows.
+    Drain { holding: bool, lease_end: Instant },
+    /// Notifications are on again; claims go on until every transaction that could have
+    /// read drain mode has ended. `fence` is N, once taken.
+    Leaving {
+        fence: Option<String>,
+        interval: Duration,
+        next: Instant,
+    },
+}
+
+impl Mode {
+    fn gauge(&self) -> i64 {
+        match self {
+            Mode::Notify => 0,
+            Mode::Drain { .. } => 1,
+            Mode::Leaving { .. } => 2,
+        }
+    }
+}
+
+pub struct HighLoad {
+    config: HighLoadConfig,
+    holder: String,
+    metrics: Metrics,
+    mode: Mode,
+    /// Start of the current measuring window (None: nothing claimed since the last one).
+    window_start: Option<Instant>,
+    window_claimed: u64,
+    /// Read the mode from the database at the next tick (the listener reconnected, so
+    /// a broadcast may have been missed).
+    recheck: bool,
+    next_poll: Instant,
+}
+
+impl HighLoad {
+    pub fn new(config: HighLoadConfig, holder: String, metrics: Metrics) -> Self {
+        Self {
+            config,
+            holder,
+            metrics,
+            mode: Mode::Notify,
+            window_start: None,
+            window_claimed: 0,
+            recheck: false,
+            next_poll: Instant::now(),
+        }
+    }
+
+    pub fn mode(&self) -> &Mode {
+        &self.mode
+    }
+
+    /// `n` events were claimed (by any kind of claim).
+    pub fn claimed(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.window_start.get_or_insert_with(Instant::now);
+        self.window_claimed += n as u64;
+    }
+
+    /// Another instance entered or renewed drain mode.
+    pub fn heard_drain(&mut self) {
+        let lease_end = Instant::now() + self.config.lease;
+        match &mut self.mode {
+            Mode::Drain { lease_end: end, .. } => *end = (*end).max(lease_end),
+            _ => {
+                self.set(Mode::Drain {
+                    holding: false,
+                    lease_end,
+                });
+                self.window_start.get_or_insert_with(Instant::now);
+                self.next_poll = Instant::now();
+            }
+        }
+    }
+
+    /// An instance left drain mode: leave it too.
+    pub fn heard_notify(&mut self) {
+        if matches!(self.mode, Mode::Drain { .. }) {
+            self.leave_now();
+        }
+    }
+
+    /// The listener (re)connected: broadcasts may have been missed.
+    pub fn reconnected(&mut self) {
+        if self.config.enabled || self.mode != Mode::Notify {
+            self.recheck = true;
+        }
+    }
+
+    /// When `tick` must run next (None: nothing to do until a claim or a broadcast).
+    pub fn next_wake(&self) -> Option<Instant> {
+        if self.recheck {
+            return Some(Instant::now());
+        }
+        let window_end = self.window_start.map(|start| start + WINDOW);
+        let own = match &self.mode {
+            Mode::Notify => None,
+            Mode::Drain { .. } => Some(self.next_poll),
+            Mode::Leaving { next, .. } => Some(*next),
+        };
+        match (window_end, own) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Runs what is due; true when the relay should claim now (a poll).
+    pub async fn tick(&mut self, store: &Store) -> bool {
+        let now = Instant::now();
+        if self.recheck {
+            self.recheck = false;
+            self.read_mode(store).await;
+        }
+        if let Some(start) = self.window_start
+            && now >= start + WINDOW
+        {
+            let rate = self.window_claimed as f64 / now.duration_since(start).as_secs_f64();
+            self.window_claimed = 0;
+            self.window_start = (self.mode != Mode::Notify).then_some(now);
+            self.judge(store, rate).await;
+        }
+        if let Mode::Drain {
+            holding: false,
+            lease_end,
+        } = self.mode
+            && now >= lease_end
+        {
+            // No renewal heard for a whole lease: ask the database.
+            self.read_mode(store).await;
+        }
+        match &self.mode {
+            Mode::Notify => false,
+            Mode::Drain { .. } => {
+                if now >= self.next_poll {
+                    self.next_poll = now + self.config.poll_interval;
+                    self.metrics.high_load_claims.inc();
+                    true
+                } else {
+                    false
+                }
+            }
+            Mode::Leaving { next, .. } if now < *next => false,
+            Mode::Leaving { .. } => self.leaving(store).await,
+        }
+    }
+
+    /// The relay claims back to back (polls) in this mode.
+    pub fn polling(&self) -> bool {
+        self.mode != Mode::Notify
+    }
+
+    /// On shutdown: hand notifications back at once rather than when the lease lapses.
+    pub async fn stop(&mut self, store: &Store) {
+        if let Mode::Drain { holding: true, .. } = self.mode {
+            match store.leave_drain(&self.holder).await {
+                Ok(_) => tracing::info!("left high-load (drain) mode on shutdown"),
+                Err(error) => tracing::warn!(
+                    %error,
+                    "could not leave drain mode on shutdown; notifications resume when its lease lapses"
+                ),
+            }
+        }
+    }
+
+    /// What one second of load says.
+    async fn judge(&mut self, store: &Store, rate: f64) {
+        let c = &self.config;
+        match self.mode.clone() {
+            Mode::Notify | Mode::Leaving { .. } => {
+                if c.enabled && rate >= c.enter_rate as f64 {
+                    self.enter(store, rate).await;
+                }
+            }
+            Mode::Drain { holding, .. } => {
+                if rate >= c.exit_rate as f64 {
+                    if holding || c.enabled {
+                        // Renew (a follower with load of its own takes over the lease).
+                        self.enter(store, rate).await;
+                    }
+                } else if holding {
+                    match store.leave_drain(&self.holder).await {
+                        Ok(true) => {
+                            tracing::info!(
+                                events_per_second = rate as u64,
+                                "load fell: leaving high-load (drain) mode"
+                            );
+                            self.leave_now();
+                        }
+                        Ok(false) => {
+                            // Another instance renewed it: follow until it leaves.
+                            self.set(Mode::Drain {
+                                holding: false,
+                                lease_end: Instant::now() + self.config.lease,
+                            });
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "could not leave drain mode; trying again")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn enter(&mut self, store: &Store, rate: f64) {
+        match store.enter_drain(&self.holder, self.config.lease).await {
+            Ok(()) => {
+                if !matches!(self.mode, Mode::Drain { .. }) {
+                    tracing::info!(
+                        events_per_second = rate as u64,
+                        "sustained load: entering high-load (drain) mode, notifications off"
+                    );
+                    self.next_poll = Instant::now();
+                    self.window_start = Some(Instant::now());
+                }
+                self.set(Mode::Drain {
+                    holding: true,
+                    lease_end: Instant::now() + self.config.lease,
+                });
+            }
+            Err(error) => tracing::warn!(%error, "could not enter or renew drain mode"),
+        }
+    }
+
+    fn leave_now(&mut self) {
+        self.set(Mode::Leaving {
+            fence: None,
+            interval: self.config.poll_interval,
+            next: Instant::now(),
+        });
+    }
+
+    async fn read_mode(&mut self, store: &Store) {
+        match store.read_mode().await {
+            Ok(row) if row.draining => {
+                let lease_end = Instant::now() + row.remaining;
+                match &mut self.mode {
+                    Mode::Drain { lease_end: end, .. } => *end = lease_end,
+                    _ => {
+                        self.set(Mode::Drain {
+                            holding: false,
+                            lease_end,
+                        });
+                        self.window_start.get_or_insert_with(Instant::now);
+                        self.next_poll = Instant::now();
+                    }
+                }
+            }
+            Ok(_) => {
+                if matches!(self.mode, Mode::Drain { .. }) {
+                    self.leave_now();
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not read the high-load mode; trying again");
+                self.recheck = true;
+            }
+        }
+    }
+
+    /// One step of leaving: take N if not yet taken, then test the horizon. Claims each
+    /// time; once the horizon passed, claims once more and goes back to notify mode.
+    async fn leaving(&mut self, store: &Store) -> bool {
+        let Mode::Leaving {
+            fence, interval, ..
+        } = self.mode.clone()
+        else {
+            return false;
+        };
+        let now = Instant::now();
+        let fence = match fence {
+            Some(fence) => fence,
+            None => match store.drain_fence().await {
+                Ok(Some(fence)) => fence,
+                Ok(None) => {
+                    // Drain mode is on again (another instance entered it).
+                    self.recheck = true;
+                    self.mode = Mode::Leaving {
+                        fence: None,
+                        interval,
+                        next: now + interval,
+                    };
+                    return true;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not take the drain fence; trying again");
+                    self.mode = Mode::Leaving {
+                        fence: None,
+                        interval,
+                        next: now + interval,
+                    };
+                    return true;
+                }
+            },
+        };
+        match store.drain_horizon_passed(&fence).await {
+            Ok(true) => {
+                tracing::info!(
+                    "every transaction that could have read drain mode has ended: notify mode"
+                );
+                self.set(Mode::Notify);
+            }
+            Ok(false) => {
+                let interval = (interval * 2).min(MAX_LEAVING_INTERVAL);
+                self.mode = Mode::Leaving {
+                    fence: Some(fence),
+                    interval,
+                    next: now + interval,
+                };
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not check the drain horizon; trying again");
+                self.mode = Mode::Leaving {
+                    fence: Some(fence),
+                    interval,
+                    next: now + interval,
+                };
+            }
+        }
+        self.metrics.high_load_claims.inc();
+        true
+    }
+
+    fn set(&mut self, mode: Mode) {
+        let before = self.mode.gauge();
+        self.mode = mode;
+        let after = self.mode.gauge();
+        if before != after {
+            self.metrics.high_load_mode.set(after);
+            match after {
+                1 => self
+                    .metrics
+                    .high_load_switches
+                    .with_label_values(&["drain"])
+                    .inc(),
+                0 => self
+                    .metrics
+                    .high_load_switches
+                    .with_label_values(&["notify"])
+                    .inc(),
+                _ => {}
+            }
+        }
+    }
+}
