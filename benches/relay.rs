@@ -1,59 +1,150 @@
-//! End-to-end relay benchmarks against the local PostgreSQL and RabbitMQ: how fast a
-//! backlog drains and how long an event takes from commit to a consumer at a steady
-//! rate, for outboxd and, in the same run, for a polling relay as users write one
-//! without it. Each run uses a fresh database and its own exchange and queue.
+//! End-to-end benchmarks against the local PostgreSQL and RabbitMQ, each scenario in a
+//! fresh database with its own exchange and queue: the producers' ceilings (no trigger,
+//! a per-row NOTIFY trigger, outboxd's trigger in both modes, RabbitMQ alone), latency
+//! at a fixed rate, what outboxd costs the producers, backlog drains, idle cost and
+//! scale-out; and, in the same run, a polling relay as users write one without outboxd.
 //!
-//!   cargo bench --bench relay              # 3 runs a scenario, medians
-//!   cargo bench --bench relay -- --quick   # 1 short run a scenario
+//!   cargo bench --bench relay              # full run (about 6 minutes), medians
+//!   cargo bench --bench relay -- --quick   # short run (under a minute)
 //!
-//! Prints a plain-text table; exits non-zero if any produced event was not consumed.
+//! Started without `--bench` (as `cargo test --all-targets` does) it runs the quick
+//! mode. Prints a plain-text table; exits non-zero if any event a scenario produced was
+//! not consumed.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use outboxd::{NewEvent, Outboxd, enqueue};
+use outboxd::Outboxd;
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime};
+use support::proxy::CountingProxy;
 use support::{TestBroker, TestDb};
 
 struct Settings {
+    quick: bool,
+    /// Runs of the short scenarios (drains, ceilings, scale-out); medians are reported.
     runs: usize,
+    ceiling_for: Duration,
+    broker_messages: usize,
+    latency_rate: f64,
+    latency_for: Duration,
+    impact_for: Duration,
     backlog: i64,
-    rate_per_second: u64,
-    steady_for: Duration,
+    baseline_backlog: i64,
+    webhook_backlog: i64,
+    scale_backlog: i64,
+    idle_for: Duration,
+}
+
+impl Settings {
+    fn full() -> Settings {
+        Settings {
+            quick: false,
+            runs: 3,
+            ceiling_for: Duration::from_secs(8),
+            broker_messages: 50_000,
+            latency_rate: 1000.0,
+            latency_for: Duration::from_secs(20),
+            impact_for: Duration::from_secs(20),
+            backlog: 200_000,
+            baseline_backlog: 10_000,
+            webhook_backlog: 20_000,
+            scale_backlog: 60_000,
+            idle_for: Duration::from_secs(60),
+        }
+    }
+
+    fn quick() -> Settings {
+        Settings {
+            quick: true,
+            runs: 1,
+            ceiling_for: Duration::from_secs(2),
+            broker_messages: 5_000,
+            latency_rate: 1000.0,
+            latency_for: Duration::from_secs(3),
+            impact_for: Duration::from_secs(3),
+            backlog: 20_000,
+            baseline_backlog: 1_000,
+            webhook_backlog: 2_000,
+            scale_backlog: 10_000,
+            idle_for: Duration::from_secs(5),
+        }
+    }
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    // `cargo bench` passes --bench; `cargo test --all-targets` does not.
+    let quick = args.iter().any(|a| a == "--quick") || !args.iter().any(|a| a == "--bench");
     let settings = if quick {
-        Settings {
-            runs: 1,
-            backlog: 5_000,
-            rate_per_second: 200,
-            steady_for: Duration::from_secs(3),
-        }
+        Settings::quick()
     } else {
-        Settings {
-            runs: 3,
-            backlog: 50_000,
-            rate_per_second: 500,
-            steady_for: Duration::from_secs(10),
-        }
+        Settings::full()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    let ok = runtime.block_on(run(settings));
+    let started = Instant::now();
+    let (table, ok) = runtime.block_on(run(&settings));
+    println!();
+    println!(
+        "outboxd relay benchmark ({} mode, {} cores, {:.0} s)",
+        if settings.quick { "quick" } else { "full" },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        started.elapsed().as_secs_f64()
+    );
+    table.print();
     if !ok {
-        eprintln!("some produced events were not consumed");
+        eprintln!("FAILED: some produced events were not consumed (see above)");
         std::process::exit(1);
     }
 }
 
+/// The rows of the table, in order.
+#[derive(Default)]
+struct Table {
+    rows: Vec<(String, usize, f64, &'static str)>,
+}
+
+impl Table {
+    fn add(&mut self, name: impl Into<String>, runs: usize, value: f64, unit: &'static str) {
+        let name = name.into();
+        eprintln!("  {name}: {}", format_value(value, unit));
+        self.rows.push((name, runs, value, unit));
+    }
+
+    fn section(&mut self, title: &str) {
+        eprintln!("{title}");
+        self.rows.push((title.to_string(), 0, f64::NAN, ""));
+    }
+
+    fn print(&self) {
+        println!("{:<66} {:>4} {:>16}", "scenario", "runs", "median");
+        for (name, runs, value, unit) in &self.rows {
+            if *runs == 0 {
+                println!("-- {name}");
+            } else {
+                println!("{name:<66} {runs:>4} {:>16}", format_value(*value, unit));
+            }
+        }
+    }
+}
+
+fn format_value(value: f64, unit: &str) -> String {
+    match unit {
+        "ms" => format!("{value:.2} ms"),
+        "x" => format!("{value:.1} x"),
+        "%" => format!("{value:.1} %"),
+        "s" => format!("{value:.2} s"),
+        "" => format!("{value:.0}"),
+        _ => format!("{value:.0} {unit}"),
+    }
+}
+
 /// Which relay a scenario runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum RelayKind {
     Outboxd,
     /// A polling relay as users write one without outboxd: poll every second for up to
@@ -64,7 +155,7 @@ enum RelayKind {
 
 /// A relay running for one scenario.
 enum Running {
-    Outboxd(Box<Outboxd>),
+    Outboxd(Vec<Outboxd>),
     Baseline(
         tokio_util::sync::CancellationToken,
         tokio::task::JoinHandle<()>,
@@ -74,13 +165,7 @@ enum Running {
 impl Running {
     async fn start(kind: RelayKind, db: &TestDb, broker: &TestBroker) -> Running {
         match kind {
-            RelayKind::Outboxd => {
-                let service = Outboxd::start(config(db, broker)).await.expect("start");
-                while service.metrics().listener_connected.get() != 1 {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Running::Outboxd(Box::new(service))
-            }
+            RelayKind::Outboxd => Running::Outboxd(start_instances(db, broker, 1).await),
             RelayKind::Baseline => {
                 let stop = tokio_util::sync::CancellationToken::new();
                 let task = tokio::spawn(baseline_relay(
@@ -95,13 +180,39 @@ impl Running {
 
     async fn stop(self) {
         match self {
-            Running::Outboxd(service) => service.stop().await,
+            Running::Outboxd(services) => {
+                for service in services {
+                    service.stop().await;
+                }
+            }
             Running::Baseline(stop, task) => {
                 stop.cancel();
                 let _ = task.await;
             }
         }
     }
+}
+
+fn config(db: &TestDb, broker: &TestBroker) -> outboxd::Config {
+    let mut config = support::config(db, broker);
+    config.database.pool_size = 8;
+    config
+}
+
+/// `n` outboxd instances on `db`, started together, each with its listener up.
+async fn start_instances(db: &TestDb, broker: &TestBroker, n: usize) -> Vec<Outboxd> {
+    let starts = (0..n).map(|_| Outboxd::start(config(db, broker)));
+    let services: Vec<Outboxd> = futures_util::future::join_all(starts)
+        .await
+        .into_iter()
+        .map(|s| s.expect("start outboxd"))
+        .collect();
+    for service in &services {
+        while service.metrics().listener_connected.get() != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    services
 }
 
 async fn baseline_relay(url: String, exchange: String, stop: tokio_util::sync::CancellationToken) {
@@ -167,128 +278,265 @@ async fn baseline_relay(url: String, exchange: String, stop: tokio_util::sync::C
     let _ = connection.close(200, "done".into()).await;
 }
 
-async fn run(settings: Settings) -> bool {
-    let mut ok = true;
-    let mut rates = Vec::new();
-    let mut baseline_rates = Vec::new();
-    for _ in 0..settings.runs {
-        let (rate, complete) = backlog_drain(RelayKind::Outboxd, settings.backlog).await;
-        ok &= complete;
-        rates.push(rate);
-        let (rate, complete) = backlog_drain(RelayKind::Baseline, settings.backlog / 10).await;
-        ok &= complete;
-        baseline_rates.push(rate);
-    }
-    let mut webhook_rates = Vec::new();
-    for _ in 0..settings.runs {
-        let (rate, complete) = webhook_drain(settings.backlog / 5).await;
-        ok &= complete;
-        webhook_rates.push(rate);
-    }
-    let mut p50s = Vec::new();
-    let mut p99s = Vec::new();
-    let mut maxes = Vec::new();
-    let mut baseline_p50s = Vec::new();
-    let mut baseline_p99s = Vec::new();
-    for _ in 0..settings.runs {
-        let (latencies, complete) = steady_latency(
-            RelayKind::Outboxd,
-            settings.rate_per_second,
-            settings.steady_for,
-        )
-        .await;
-        ok &= complete;
-        p50s.push(quantile(&latencies, 0.50));
-        p99s.push(quantile(&latencies, 0.99));
-        maxes.push(quantile(&latencies, 1.0));
-        let (latencies, complete) = steady_latency(
-            RelayKind::Baseline,
-            settings.rate_per_second,
-            settings.steady_for,
-        )
-        .await;
-        ok &= complete;
-        baseline_p50s.push(quantile(&latencies, 0.50));
-        baseline_p99s.push(quantile(&latencies, 0.99));
-    }
-    println!();
-    println!("{:<52} {:>6} {:>14}", "scenario", "runs", "median");
-    println!(
-        "{:<52} {:>6} {:>10.0} ev/s",
-        format!("backlog drain ({} PENDING events)", settings.backlog),
-        settings.runs,
-        median(&rates)
-    );
-    println!(
-        "{:<52} {:>6} {:>10.0} ev/s",
-        format!(
-            "webhook drain ({} PENDING events, 1 endpoint)",
-            settings.backlog / 5
-        ),
-        settings.runs,
-        median(&webhook_rates)
-    );
-    for (name, values) in [("p50", &p50s), ("p99", &p99s), ("max", &maxes)] {
-        println!(
-            "{:<52} {:>6} {:>11.2} ms",
-            format!(
-                "commit-to-consume {name} at {} ev/s",
-                settings.rate_per_second
-            ),
-            settings.runs,
-            median(values) * 1000.0
-        );
-    }
-    println!(
-        "{:<52} {:>6} {:>10.0} ev/s",
-        format!("baseline: backlog drain ({} events)", settings.backlog / 10),
-        settings.runs,
-        median(&baseline_rates)
-    );
-    for (name, values) in [("p50", &baseline_p50s), ("p99", &baseline_p99s)] {
-        println!(
-            "{:<52} {:>6} {:>11.2} ms",
-            format!(
-                "baseline: commit-to-consume {name} at {} ev/s",
-                settings.rate_per_second
-            ),
-            settings.runs,
-            median(values) * 1000.0
-        );
-    }
-    println!(
-        "{:<52} {:>6} {:>11.1} x",
-        "ratio: drain outboxd / baseline",
-        settings.runs,
-        median(&rates) / median(&baseline_rates)
-    );
-    println!(
-        "{:<52} {:>6} {:>11.1} x",
-        "ratio: p99 baseline / outboxd",
-        settings.runs,
-        median(&baseline_p99s) / median(&p99s)
-    );
-    ok
+/// What producers committed: each event's tracking id and commit time.
+struct Produced {
+    commits: Vec<(String, SystemTime)>,
+    /// From the first producer's start to the last one's stop.
+    elapsed: Duration,
+    /// When the producers stopped.
+    stopped_at: SystemTime,
 }
 
-fn config(db: &TestDb, broker: &TestBroker) -> outboxd::Config {
-    let mut config = support::config(db, broker);
-    config.database.pool_size = 8;
-    config
+impl Produced {
+    fn rate(&self) -> f64 {
+        self.commits.len() as f64 / self.elapsed.as_secs_f64()
+    }
 }
 
-/// `n` events committed while no outboxd runs, then one starts: events/s until the last
-/// one is consumed.
-async fn backlog_drain(kind: RelayKind, n: i64) -> (f64, bool) {
+const INSERT: &str = "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                      VALUES ('order', $1, 'order.created', $2) RETURNING tracking_id";
+
+/// `connections` producers committing one event per transaction for `duration`: at full
+/// speed, or together at `rate` events/s (a producer that falls behind commits back to
+/// back, so the share of the offered load it sustains shows).
+async fn produce(
+    db: &TestDb,
+    connections: usize,
+    rate: Option<f64>,
+    duration: Duration,
+) -> Produced {
+    let mut clients = Vec::new();
+    for _ in 0..connections {
+        let client = db.client().await;
+        let insert = client.prepare(INSERT).await.expect("prepare");
+        clients.push((client, insert));
+    }
+    let start = tokio::time::Instant::now() + Duration::from_millis(50);
+    let deadline = start + duration;
+    let tasks = clients
+        .into_iter()
+        .enumerate()
+        .map(|(k, (client, insert))| {
+            tokio::spawn(async move {
+                let mut commits = Vec::new();
+                let period = rate.map(|r| Duration::from_secs_f64(connections as f64 / r));
+                let offset = period.map_or(Duration::ZERO, |p| p * k as u32 / connections as u32);
+                let mut i: u32 = 0;
+                tokio::time::sleep_until(start).await;
+                loop {
+                    if let Some(period) = period {
+                        let due = start + offset + period * i;
+                        if due >= deadline {
+                            break;
+                        }
+                        tokio::time::sleep_until(due).await;
+                    } else if tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
+                    let n = format!("{k}-{i}");
+                    let payload = serde_json::json!({ "n": n, "total": 12.5 });
+                    let row = client
+                        .query_one(&insert, &[&n, &payload])
+                        .await
+                        .expect("insert");
+                    let tracking: uuid::Uuid = row.get(0);
+                    commits.push((tracking.to_string(), SystemTime::now()));
+                    i += 1;
+                }
+                commits
+            })
+        });
+    let mut commits = Vec::new();
+    for task in futures_util::future::join_all(tasks).await {
+        commits.extend(task.expect("producer"));
+    }
+    let elapsed = tokio::time::Instant::now().duration_since(start);
+    Produced {
+        commits,
+        elapsed: elapsed.max(duration),
+        stopped_at: SystemTime::now(),
+    }
+}
+
+/// Where the produced events ended up at the consumer.
+struct Consumed {
+    complete: bool,
+    latencies: Vec<f64>,
+    /// From the producers' stop to the last event's arrival, in seconds.
+    lag: f64,
+    /// Events that arrived before the producers stopped.
+    during: usize,
+}
+
+async fn consume(broker: &TestBroker, produced: &Produced, timeout: Duration) -> Consumed {
+    let received = broker.wait_for(produced.commits.len(), timeout).await;
+    let at: HashMap<&str, SystemTime> = received
+        .iter()
+        .map(|m| (m.message_id.as_str(), m.received_at))
+        .collect();
+    let mut latencies = Vec::with_capacity(produced.commits.len());
+    let mut missing = 0;
+    let mut last = produced.stopped_at;
+    for (tracking, committed) in &produced.commits {
+        match at.get(tracking.as_str()) {
+            Some(arrived) => {
+                latencies.push(
+                    arrived
+                        .duration_since(*committed)
+                        .unwrap_or_default()
+                        .as_secs_f64(),
+                );
+                last = last.max(*arrived);
+            }
+            None => missing += 1,
+        }
+    }
+    if missing > 0 {
+        eprintln!(
+            "  {missing} of {} committed events were not consumed",
+            produced.commits.len()
+        );
+    }
+    Consumed {
+        complete: missing == 0,
+        latencies,
+        lag: last
+            .duration_since(produced.stopped_at)
+            .unwrap_or_default()
+            .as_secs_f64(),
+        during: received
+            .iter()
+            .filter(|m| m.received_at <= produced.stopped_at)
+            .count(),
+    }
+}
+
+/// The trigger on `outbox` while producers measure their ceiling.
+#[derive(Debug, Clone, Copy)]
+enum Trigger {
+    None,
+    /// `pg_notify(id)` for each row, as most hand-written outboxes do.
+    PerRowNotify,
+    /// outboxd's own statement-level trigger in notify mode.
+    Outboxd,
+    /// outboxd's trigger in drain mode (reads the mode, does not notify).
+    OutboxdDrain,
+}
+
+async fn set_trigger(db: &TestDb, trigger: Trigger) {
+    let client = db.client().await;
+    let sql = match trigger {
+        Trigger::None => "DROP TRIGGER outbox_notify ON outbox",
+        Trigger::PerRowNotify => {
+            "DROP TRIGGER outbox_notify ON outbox;
+             CREATE FUNCTION bench_per_row_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_notify('outbox_events', NEW.id::text); RETURN NULL; END $$;
+             CREATE TRIGGER bench_per_row_notify AFTER INSERT ON outbox
+                FOR EACH ROW EXECUTE FUNCTION bench_per_row_notify()"
+        }
+        Trigger::Outboxd => "",
+        Trigger::OutboxdDrain => {
+            "UPDATE outbox_mode SET mode = 'drain', drain_until = now() + interval '1 hour',
+                    holder = 'bench'"
+        }
+    };
+    client.batch_execute(sql).await.expect("trigger");
+}
+
+/// Producers alone (16 connections, full speed, no relay): commits/s.
+async fn producer_ceiling(trigger: Trigger, duration: Duration) -> f64 {
+    let db = TestDb::new().await;
+    set_trigger(&db, trigger).await;
+    produce(&db, 16, None, duration).await.rate()
+}
+
+/// RabbitMQ alone: confirmed persistent publishes with up to 100 confirms outstanding.
+async fn broker_ceiling(messages: usize) -> (f64, bool) {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    let broker = TestBroker::new(Some("#")).await;
+    let connection =
+        lapin::Connection::connect(support::AMQP_URL, lapin::ConnectionProperties::default())
+            .await
+            .expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let body = br#"{"n":"0-0","total":12.5}"#;
+    let started = Instant::now();
+    let mut outstanding = futures_util::stream::FuturesUnordered::new();
+    let mut acked = 0;
+    for i in 0..messages {
+        if outstanding.len() >= 100
+            && let Some(confirm) = outstanding.next().await
+        {
+            let confirm: lapin::Result<lapin::Confirmation> = confirm;
+            acked += usize::from(confirm.expect("confirm").is_ack());
+        }
+        let properties = lapin::BasicProperties::default()
+            .with_message_id(format!("m{i}").into())
+            .with_delivery_mode(2);
+        let confirm = channel
+            .basic_publish(
+                broker.exchange.as_str().into(),
+                "order.created".into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .expect("publish");
+        outstanding.push(confirm);
+    }
+    while let Some(confirm) = outstanding.next().await {
+        acked += usize::from(confirm.expect("confirm").is_ack());
+    }
+    let rate = messages as f64 / started.elapsed().as_secs_f64();
+    let consumed = broker
+        .wait_for(messages, Duration::from_secs(60))
+        .await
+        .len();
+    let _ = connection.close(200, "done".into()).await;
+    (rate, acked == messages && consumed >= messages)
+}
+
+/// `connections` producers at `rate` (or full speed) for `duration` with a relay
+/// running: what the producers and the consumer saw.
+async fn relayed_load(
+    kind: RelayKind,
+    connections: usize,
+    rate: Option<f64>,
+    duration: Duration,
+) -> (Produced, Consumed) {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let relay = Running::start(kind, &db, &broker).await;
+    let produced = produce(&db, connections, rate, duration).await;
+    let consumed = consume(&broker, &produced, Duration::from_secs(120)).await;
+    relay.stop().await;
+    (produced, consumed)
+}
+
+/// `n` events committed while no relay runs, then `instances` start: events/s until the
+/// last one is consumed.
+async fn backlog_drain(kind: RelayKind, n: i64, instances: usize) -> (f64, bool) {
     let db = TestDb::new().await;
     let broker = TestBroker::new(Some("#")).await;
     db.insert_backlog(n).await;
     let started = Instant::now();
-    let relay = Running::start(kind, &db, &broker).await;
+    let relay = match kind {
+        RelayKind::Outboxd => Running::Outboxd(start_instances(&db, &broker, instances).await),
+        RelayKind::Baseline => Running::start(kind, &db, &broker).await,
+    };
     let received = broker.wait_for(n as usize, Duration::from_secs(300)).await;
     let elapsed = started.elapsed();
     relay.stop().await;
     let complete = received.len() >= n as usize;
+    if !complete {
+        eprintln!("  drain: {} of {n} consumed", received.len());
+    }
     (n as f64 / elapsed.as_secs_f64(), complete)
 }
 
@@ -321,45 +569,241 @@ async fn webhook_drain(n: i64) -> (f64, bool) {
     (n as f64 / elapsed.as_secs_f64(), hits.len() >= n as usize)
 }
 
-/// One producer committing single-event transactions at `rate` for `duration`: the
-/// latency from each commit to its arrival at a consumer, in seconds.
-async fn steady_latency(kind: RelayKind, rate: u64, duration: Duration) -> (Vec<f64>, bool) {
+/// Default settings, no events: statements outboxd sends per minute, counted on the
+/// wire by a proxy in front of PostgreSQL (every connection goes through it).
+async fn idle_cost(duration: Duration) -> (f64, bool) {
     let db = TestDb::new().await;
     let broker = TestBroker::new(Some("#")).await;
-    let relay = Running::start(kind, &db, &broker).await;
-    let producer = db.client().await;
-    let mut committed: HashMap<String, SystemTime> = HashMap::new();
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
-    let total = rate * duration.as_secs();
-    for i in 0..total {
-        tick.tick().await;
-        let event = NewEvent::new(
-            "order",
-            i.to_string(),
-            "order.created",
-            serde_json::json!({ "n": i }),
-        );
-        let id = enqueue(&producer, &event).await.expect("enqueue");
-        committed.insert(id.to_string(), SystemTime::now());
+    let proxy = CountingProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let mut config = outboxd::Config::default();
+    config.database.url = proxy.url(&db.name);
+    config.rabbitmq.exchange = broker.exchange.clone();
+    config.rabbitmq.declare_exchange = false;
+    config.http.listen = "127.0.0.1:0".into();
+    let service = Outboxd::start(config).await.expect("start");
+    while service.metrics().listener_connected.get() != 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let received = broker
-        .wait_for(total as usize, Duration::from_secs(30))
-        .await;
-    relay.stop().await;
-    let latencies: Vec<f64> = received
-        .iter()
-        .filter_map(|m| {
-            let at = committed.get(&m.message_id)?;
-            Some(
-                m.received_at
-                    .duration_since(*at)
-                    .unwrap_or_default()
-                    .as_secs_f64(),
-            )
-        })
-        .collect();
-    let complete = latencies.len() >= total as usize;
-    (latencies, complete)
+    // Start-up work (partitions, LISTEN, reconnect sweep, first gauges) first.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = proxy.statements();
+    tokio::time::sleep(duration).await;
+    let idle = proxy.statements() - before;
+    // Still alive: an event goes through at once.
+    let producer = db.client().await;
+    outboxd::enqueue(
+        &producer,
+        &outboxd::NewEvent::new("order", "1", "order.created", serde_json::json!({})),
+    )
+    .await
+    .expect("enqueue");
+    let alive = broker.wait_for(1, Duration::from_secs(10)).await.len() == 1;
+    service.stop().await;
+    (idle as f64 * 60.0 / duration.as_secs_f64(), alive)
+}
+
+async fn run(s: &Settings) -> (Table, bool) {
+    let mut ok = true;
+    let mut t = Table::default();
+    let runs = s.runs;
+    let secs = |d: Duration| d.as_secs();
+
+    t.section("ceilings: 16 producers, one event per transaction, no relay");
+    let mut per_row_ceiling = 0.0;
+    for (name, trigger) in [
+        ("no trigger", Trigger::None),
+        ("per-row pg_notify trigger", Trigger::PerRowNotify),
+        ("outboxd trigger, notify mode", Trigger::Outboxd),
+        ("outboxd trigger, drain mode", Trigger::OutboxdDrain),
+    ] {
+        let mut rates = Vec::new();
+        for _ in 0..runs {
+            rates.push(producer_ceiling(trigger, s.ceiling_for).await);
+        }
+        if matches!(trigger, Trigger::PerRowNotify) {
+            per_row_ceiling = median(&rates);
+        }
+        t.add(
+            format!("producers, {name} ({} s)", secs(s.ceiling_for)),
+            runs,
+            median(&rates),
+            "commits/s",
+        );
+    }
+    let mut rates = Vec::new();
+    for _ in 0..runs {
+        let (rate, complete) = broker_ceiling(s.broker_messages).await;
+        ok &= complete;
+        rates.push(rate);
+    }
+    t.add(
+        format!(
+            "RabbitMQ alone: {} confirmed publishes, 100 outstanding",
+            s.broker_messages
+        ),
+        runs,
+        median(&rates),
+        "msg/s",
+    );
+
+    t.section(&format!(
+        "latency: 4 producers at {:.0} events/s for {} s, commit to consumer",
+        s.latency_rate,
+        secs(s.latency_for)
+    ));
+    let mut p99s = HashMap::new();
+    for kind in [RelayKind::Outboxd, RelayKind::Baseline] {
+        let (_, consumed) = relayed_load(kind, 4, Some(s.latency_rate), s.latency_for).await;
+        ok &= consumed.complete;
+        let who = if kind == RelayKind::Outboxd {
+            "outboxd"
+        } else {
+            "baseline"
+        };
+        for (name, q) in [("p50", 0.5), ("p99", 0.99), ("max", 1.0)] {
+            let value = quantile(&consumed.latencies, q) * 1000.0;
+            if name == "p99" {
+                p99s.insert(kind, value);
+            }
+            t.add(format!("{who}: {name}"), 1, value, "ms");
+        }
+    }
+
+    t.section(&format!(
+        "producer impact: 16 producers for {} s, outboxd relaying everything",
+        secs(s.impact_for)
+    ));
+    let (produced, consumed) = relayed_load(RelayKind::Outboxd, 16, None, s.impact_for).await;
+    ok &= consumed.complete;
+    t.add(
+        "full speed: producers' commit rate",
+        1,
+        produced.rate(),
+        "commits/s",
+    );
+    t.add(
+        "full speed: ratio to the per-row NOTIFY ceiling",
+        1,
+        produced.rate() / per_row_ceiling,
+        "x",
+    );
+    t.add(
+        "full speed: delivered while producing",
+        1,
+        consumed.during as f64 / produced.elapsed.as_secs_f64(),
+        "ev/s",
+    );
+    t.add("full speed: lag after producers stop", 1, consumed.lag, "s");
+    t.add(
+        "full speed: p99 commit to consumer",
+        1,
+        quantile(&consumed.latencies, 0.99) * 1000.0,
+        "ms",
+    );
+    let offered = 2.0 * per_row_ceiling;
+    let (produced, consumed) =
+        relayed_load(RelayKind::Outboxd, 16, Some(offered), s.impact_for).await;
+    ok &= consumed.complete;
+    t.add(
+        format!("offered 2x per-row NOTIFY ceiling ({offered:.0} ev/s): share sustained"),
+        1,
+        100.0 * produced.commits.len() as f64 / (offered * s.impact_for.as_secs_f64()),
+        "%",
+    );
+    t.add(
+        "offered 2x ceiling: p99 commit to consumer",
+        1,
+        quantile(&consumed.latencies, 0.99) * 1000.0,
+        "ms",
+    );
+    t.add(
+        "offered 2x ceiling: lag after producers stop",
+        1,
+        consumed.lag,
+        "s",
+    );
+
+    t.section("backlog drain: PENDING events committed first, then the relay starts");
+    let mut drains = Vec::new();
+    let mut baseline_drains = Vec::new();
+    for _ in 0..runs {
+        let (rate, complete) = backlog_drain(RelayKind::Outboxd, s.backlog, 1).await;
+        ok &= complete;
+        drains.push(rate);
+        let (rate, complete) = backlog_drain(RelayKind::Baseline, s.baseline_backlog, 1).await;
+        ok &= complete;
+        baseline_drains.push(rate);
+    }
+    t.add(
+        format!("outboxd: {} events", s.backlog),
+        runs,
+        median(&drains),
+        "ev/s",
+    );
+    t.add(
+        format!("baseline: {} events", s.baseline_backlog),
+        runs,
+        median(&baseline_drains),
+        "ev/s",
+    );
+    let mut webhook = Vec::new();
+    for _ in 0..runs {
+        let (rate, complete) = webhook_drain(s.webhook_backlog).await;
+        ok &= complete;
+        webhook.push(rate);
+    }
+    t.add(
+        format!(
+            "outboxd to one webhook endpoint: {} events",
+            s.webhook_backlog
+        ),
+        runs,
+        median(&webhook),
+        "ev/s",
+    );
+
+    t.section(&format!(
+        "scale-out: {} PENDING events, instances on one database",
+        s.scale_backlog
+    ));
+    for instances in [1, 2, 4] {
+        let mut rates = Vec::new();
+        for _ in 0..runs {
+            let (rate, complete) =
+                backlog_drain(RelayKind::Outboxd, s.scale_backlog, instances).await;
+            ok &= complete;
+            rates.push(rate);
+        }
+        t.add(
+            format!("{instances} instance(s)"),
+            runs,
+            median(&rates),
+            "ev/s",
+        );
+    }
+
+    t.section(&format!(
+        "idle cost: default settings, no events, {} s",
+        secs(s.idle_for)
+    ));
+    let (per_minute, alive) = idle_cost(s.idle_for).await;
+    ok &= alive;
+    t.add("statements sent to PostgreSQL", 1, per_minute, "per minute");
+
+    t.section("outboxd / baseline");
+    t.add(
+        "drain rate: outboxd / baseline",
+        runs,
+        median(&drains) / median(&baseline_drains),
+        "x",
+    );
+    t.add(
+        "p99 latency: baseline / outboxd",
+        1,
+        p99s[&RelayKind::Baseline] / p99s[&RelayKind::Outboxd],
+        "x",
+    );
+    (t, ok)
 }
 
 fn median(values: &[f64]) -> f64 {

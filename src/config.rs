@@ -217,8 +217,8 @@ impl Default for HighLoadConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            enter_rate: 2_000,
-            exit_rate: 1_000,
+            enter_rate: 1_000,
+            exit_rate: 500,
             lease: Duration::from_secs(5),
             poll_interval: Duration::from_millis(2),
         }

@@ -398,16 +398,18 @@ impl TestBroker {
         self.received.lock().unwrap().clone()
     }
 
+    /// How many messages arrived so far.
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
     /// Waits until at least `n` messages arrived (or the timeout passes).
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
         let deadline = Instant::now() + timeout;
-        loop {
-            let got = self.received();
-            if got.len() >= n || Instant::now() > deadline {
-                return got;
-            }
+        while self.count() < n && Instant::now() <= deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.received()
     }
 }
 
