@@ -22,6 +22,8 @@ use support::{TestBroker, TestDb};
 
 struct Settings {
     quick: bool,
+    /// `--only NAME`: run only the sections whose title starts with NAME.
+    only: Option<String>,
     /// Runs of the short scenarios (drains, ceilings, scale-out); medians are reported.
     runs: usize,
     ceiling_for: Duration,
@@ -37,9 +39,16 @@ struct Settings {
 }
 
 impl Settings {
+    fn wants(&self, section: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| section.starts_with(only.as_str()))
+    }
+
     fn full() -> Settings {
         Settings {
             quick: false,
+            only: None,
             runs: 3,
             ceiling_for: Duration::from_secs(8),
             broker_messages: 50_000,
@@ -57,6 +66,7 @@ impl Settings {
     fn quick() -> Settings {
         Settings {
             quick: true,
+            only: None,
             runs: 1,
             ceiling_for: Duration::from_secs(2),
             broker_messages: 5_000,
@@ -76,11 +86,15 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     // `cargo bench` passes --bench; `cargo test --all-targets` does not.
     let quick = args.iter().any(|a| a == "--quick") || !args.iter().any(|a| a == "--bench");
-    let settings = if quick {
+    let mut settings = if quick {
         Settings::quick()
     } else {
         Settings::full()
     };
+    settings.only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -193,9 +207,13 @@ impl Running {
     }
 }
 
+/// Off for the comparison row: notifications stay on whatever the load.
+static HIGH_LOAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
 fn config(db: &TestDb, broker: &TestBroker) -> outboxd::Config {
     let mut config = support::config(db, broker);
     config.database.pool_size = 8;
+    config.high_load.enabled = HIGH_LOAD.load(std::sync::atomic::Ordering::SeqCst);
     config
 }
 
@@ -326,7 +344,7 @@ async fn produce(
                 loop {
                     if let Some(period) = period {
                         let due = start + offset + period * i;
-                        if due >= deadline {
+                        if due >= deadline || tokio::time::Instant::now() >= deadline {
                             break;
                         }
                         tokio::time::sleep_until(due).await;
@@ -608,201 +626,236 @@ async fn run(s: &Settings) -> (Table, bool) {
     let runs = s.runs;
     let secs = |d: Duration| d.as_secs();
 
-    t.section("ceilings: 16 producers, one event per transaction, no relay");
-    let mut per_row_ceiling = 0.0;
-    for (name, trigger) in [
-        ("no trigger", Trigger::None),
-        ("per-row pg_notify trigger", Trigger::PerRowNotify),
-        ("outboxd trigger, notify mode", Trigger::Outboxd),
-        ("outboxd trigger, drain mode", Trigger::OutboxdDrain),
-    ] {
-        let mut rates = Vec::new();
-        for _ in 0..runs {
-            rates.push(producer_ceiling(trigger, s.ceiling_for).await);
-        }
-        if matches!(trigger, Trigger::PerRowNotify) {
-            per_row_ceiling = median(&rates);
-        }
-        t.add(
-            format!("producers, {name} ({} s)", secs(s.ceiling_for)),
-            runs,
-            median(&rates),
-            "commits/s",
-        );
-    }
-    let mut rates = Vec::new();
-    for _ in 0..runs {
-        let (rate, complete) = broker_ceiling(s.broker_messages).await;
-        ok &= complete;
-        rates.push(rate);
-    }
-    t.add(
-        format!(
-            "RabbitMQ alone: {} confirmed publishes, 100 outstanding",
-            s.broker_messages
-        ),
-        runs,
-        median(&rates),
-        "msg/s",
-    );
-
-    t.section(&format!(
-        "latency: 4 producers at {:.0} events/s for {} s, commit to consumer",
-        s.latency_rate,
-        secs(s.latency_for)
-    ));
-    let mut p99s = HashMap::new();
-    for kind in [RelayKind::Outboxd, RelayKind::Baseline] {
-        let (_, consumed) = relayed_load(kind, 4, Some(s.latency_rate), s.latency_for).await;
-        ok &= consumed.complete;
-        let who = if kind == RelayKind::Outboxd {
-            "outboxd"
-        } else {
-            "baseline"
-        };
-        for (name, q) in [("p50", 0.5), ("p99", 0.99), ("max", 1.0)] {
-            let value = quantile(&consumed.latencies, q) * 1000.0;
-            if name == "p99" {
-                p99s.insert(kind, value);
+    let mut per_row_ceiling = f64::NAN;
+    if s.wants("ceilings") {
+        t.section("ceilings: 16 producers, one event per transaction, no relay");
+        for (name, trigger) in [
+            ("no trigger", Trigger::None),
+            ("per-row pg_notify trigger", Trigger::PerRowNotify),
+            ("outboxd trigger, notify mode", Trigger::Outboxd),
+            ("outboxd trigger, drain mode", Trigger::OutboxdDrain),
+        ] {
+            let mut rates = Vec::new();
+            for _ in 0..runs {
+                rates.push(producer_ceiling(trigger, s.ceiling_for).await);
             }
-            t.add(format!("{who}: {name}"), 1, value, "ms");
+            if matches!(trigger, Trigger::PerRowNotify) {
+                per_row_ceiling = median(&rates);
+            }
+            t.add(
+                format!("producers, {name} ({} s)", secs(s.ceiling_for)),
+                runs,
+                median(&rates),
+                "commits/s",
+            );
         }
-    }
-
-    t.section(&format!(
-        "producer impact: 16 producers for {} s, outboxd relaying everything",
-        secs(s.impact_for)
-    ));
-    let (produced, consumed) = relayed_load(RelayKind::Outboxd, 16, None, s.impact_for).await;
-    ok &= consumed.complete;
-    t.add(
-        "full speed: producers' commit rate",
-        1,
-        produced.rate(),
-        "commits/s",
-    );
-    t.add(
-        "full speed: ratio to the per-row NOTIFY ceiling",
-        1,
-        produced.rate() / per_row_ceiling,
-        "x",
-    );
-    t.add(
-        "full speed: delivered while producing",
-        1,
-        consumed.during as f64 / produced.elapsed.as_secs_f64(),
-        "ev/s",
-    );
-    t.add("full speed: lag after producers stop", 1, consumed.lag, "s");
-    t.add(
-        "full speed: p99 commit to consumer",
-        1,
-        quantile(&consumed.latencies, 0.99) * 1000.0,
-        "ms",
-    );
-    let offered = 2.0 * per_row_ceiling;
-    let (produced, consumed) =
-        relayed_load(RelayKind::Outboxd, 16, Some(offered), s.impact_for).await;
-    ok &= consumed.complete;
-    t.add(
-        format!("offered 2x per-row NOTIFY ceiling ({offered:.0} ev/s): share sustained"),
-        1,
-        100.0 * produced.commits.len() as f64 / (offered * s.impact_for.as_secs_f64()),
-        "%",
-    );
-    t.add(
-        "offered 2x ceiling: p99 commit to consumer",
-        1,
-        quantile(&consumed.latencies, 0.99) * 1000.0,
-        "ms",
-    );
-    t.add(
-        "offered 2x ceiling: lag after producers stop",
-        1,
-        consumed.lag,
-        "s",
-    );
-
-    t.section("backlog drain: PENDING events committed first, then the relay starts");
-    let mut drains = Vec::new();
-    let mut baseline_drains = Vec::new();
-    for _ in 0..runs {
-        let (rate, complete) = backlog_drain(RelayKind::Outboxd, s.backlog, 1).await;
-        ok &= complete;
-        drains.push(rate);
-        let (rate, complete) = backlog_drain(RelayKind::Baseline, s.baseline_backlog, 1).await;
-        ok &= complete;
-        baseline_drains.push(rate);
-    }
-    t.add(
-        format!("outboxd: {} events", s.backlog),
-        runs,
-        median(&drains),
-        "ev/s",
-    );
-    t.add(
-        format!("baseline: {} events", s.baseline_backlog),
-        runs,
-        median(&baseline_drains),
-        "ev/s",
-    );
-    let mut webhook = Vec::new();
-    for _ in 0..runs {
-        let (rate, complete) = webhook_drain(s.webhook_backlog).await;
-        ok &= complete;
-        webhook.push(rate);
-    }
-    t.add(
-        format!(
-            "outboxd to one webhook endpoint: {} events",
-            s.webhook_backlog
-        ),
-        runs,
-        median(&webhook),
-        "ev/s",
-    );
-
-    t.section(&format!(
-        "scale-out: {} PENDING events, instances on one database",
-        s.scale_backlog
-    ));
-    for instances in [1, 2, 4] {
         let mut rates = Vec::new();
         for _ in 0..runs {
-            let (rate, complete) =
-                backlog_drain(RelayKind::Outboxd, s.scale_backlog, instances).await;
+            let (rate, complete) = broker_ceiling(s.broker_messages).await;
             ok &= complete;
             rates.push(rate);
         }
         t.add(
-            format!("{instances} instance(s)"),
+            format!(
+                "RabbitMQ alone: {} confirmed publishes, 100 outstanding",
+                s.broker_messages
+            ),
             runs,
             median(&rates),
+            "msg/s",
+        );
+    }
+
+    let mut p99s = HashMap::new();
+    if s.wants("latency") {
+        t.section(&format!(
+            "latency: 4 producers at {:.0} events/s for {} s, commit to consumer",
+            s.latency_rate,
+            secs(s.latency_for)
+        ));
+        for kind in [RelayKind::Outboxd, RelayKind::Baseline] {
+            let (_, consumed) = relayed_load(kind, 4, Some(s.latency_rate), s.latency_for).await;
+            ok &= consumed.complete;
+            let who = if kind == RelayKind::Outboxd {
+                "outboxd"
+            } else {
+                "baseline"
+            };
+            for (name, q) in [("p50", 0.5), ("p99", 0.99), ("max", 1.0)] {
+                let value = quantile(&consumed.latencies, q) * 1000.0;
+                if name == "p99" {
+                    p99s.insert(kind, value);
+                }
+                t.add(format!("{who}: {name}"), 1, value, "ms");
+            }
+        }
+    }
+
+    if s.wants("producer") {
+        if per_row_ceiling.is_nan() {
+            per_row_ceiling = producer_ceiling(Trigger::PerRowNotify, s.ceiling_for).await;
+        }
+
+        t.section(&format!(
+            "producer impact: 16 producers for {} s, outboxd relaying everything",
+            secs(s.impact_for)
+        ));
+        let (produced, consumed) = relayed_load(RelayKind::Outboxd, 16, None, s.impact_for).await;
+        ok &= consumed.complete;
+        t.add(
+            "full speed: producers' commit rate",
+            1,
+            produced.rate(),
+            "commits/s",
+        );
+        t.add(
+            "full speed: ratio to the per-row NOTIFY ceiling",
+            1,
+            produced.rate() / per_row_ceiling,
+            "x",
+        );
+        t.add(
+            "full speed: delivered while producing",
+            1,
+            consumed.during as f64 / produced.elapsed.as_secs_f64(),
+            "ev/s",
+        );
+        t.add("full speed: lag after producers stop", 1, consumed.lag, "s");
+        t.add(
+            "full speed: p99 commit to consumer",
+            1,
+            quantile(&consumed.latencies, 0.99) * 1000.0,
+            "ms",
+        );
+        HIGH_LOAD.store(false, std::sync::atomic::Ordering::SeqCst);
+        let (produced_off, consumed_off) =
+            relayed_load(RelayKind::Outboxd, 16, None, s.impact_for).await;
+        HIGH_LOAD.store(true, std::sync::atomic::Ordering::SeqCst);
+        ok &= consumed_off.complete;
+        t.add(
+            "full speed, high-load mode off: producers' commit rate",
+            1,
+            produced_off.rate(),
+            "commits/s",
+        );
+        t.add(
+            "full speed, high-load mode off: p99 commit to consumer",
+            1,
+            quantile(&consumed_off.latencies, 0.99) * 1000.0,
+            "ms",
+        );
+        let offered = 2.0 * per_row_ceiling;
+        let (produced, consumed) =
+            relayed_load(RelayKind::Outboxd, 16, Some(offered), s.impact_for).await;
+        ok &= consumed.complete;
+        t.add(
+            format!("offered 2x per-row NOTIFY ceiling ({offered:.0} ev/s): share sustained"),
+            1,
+            100.0 * produced.commits.len() as f64 / (offered * s.impact_for.as_secs_f64()),
+            "%",
+        );
+        t.add(
+            "offered 2x ceiling: p99 commit to consumer",
+            1,
+            quantile(&consumed.latencies, 0.99) * 1000.0,
+            "ms",
+        );
+        t.add(
+            "offered 2x ceiling: lag after producers stop",
+            1,
+            consumed.lag,
+            "s",
+        );
+    }
+
+    let mut drains = Vec::new();
+    let mut baseline_drains = Vec::new();
+    if s.wants("backlog") {
+        t.section("backlog drain: PENDING events committed first, then the relay starts");
+        for _ in 0..runs {
+            let (rate, complete) = backlog_drain(RelayKind::Outboxd, s.backlog, 1).await;
+            ok &= complete;
+            drains.push(rate);
+            let (rate, complete) = backlog_drain(RelayKind::Baseline, s.baseline_backlog, 1).await;
+            ok &= complete;
+            baseline_drains.push(rate);
+        }
+        t.add(
+            format!("outboxd: {} events", s.backlog),
+            runs,
+            median(&drains),
+            "ev/s",
+        );
+        t.add(
+            format!("baseline: {} events", s.baseline_backlog),
+            runs,
+            median(&baseline_drains),
+            "ev/s",
+        );
+        let mut webhook = Vec::new();
+        for _ in 0..runs {
+            let (rate, complete) = webhook_drain(s.webhook_backlog).await;
+            ok &= complete;
+            webhook.push(rate);
+        }
+        t.add(
+            format!(
+                "outboxd to one webhook endpoint: {} events",
+                s.webhook_backlog
+            ),
+            runs,
+            median(&webhook),
             "ev/s",
         );
     }
 
-    t.section(&format!(
-        "idle cost: default settings, no events, {} s",
-        secs(s.idle_for)
-    ));
-    let (per_minute, alive) = idle_cost(s.idle_for).await;
-    ok &= alive;
-    t.add("statements sent to PostgreSQL", 1, per_minute, "per minute");
+    if s.wants("scale") {
+        t.section(&format!(
+            "scale-out: {} PENDING events, instances on one database",
+            s.scale_backlog
+        ));
+        for instances in [1, 2, 4] {
+            let mut rates = Vec::new();
+            for _ in 0..runs {
+                let (rate, complete) =
+                    backlog_drain(RelayKind::Outboxd, s.scale_backlog, instances).await;
+                ok &= complete;
+                rates.push(rate);
+            }
+            t.add(
+                format!("{instances} instance(s)"),
+                runs,
+                median(&rates),
+                "ev/s",
+            );
+        }
+    }
 
-    t.section("outboxd / baseline");
-    t.add(
-        "drain rate: outboxd / baseline",
-        runs,
-        median(&drains) / median(&baseline_drains),
-        "x",
-    );
-    t.add(
-        "p99 latency: baseline / outboxd",
-        1,
-        p99s[&RelayKind::Baseline] / p99s[&RelayKind::Outboxd],
-        "x",
-    );
+    if s.wants("idle") {
+        t.section(&format!(
+            "idle cost: default settings, no events, {} s",
+            secs(s.idle_for)
+        ));
+        let (per_minute, alive) = idle_cost(s.idle_for).await;
+        ok &= alive;
+        t.add("statements sent to PostgreSQL", 1, per_minute, "per minute");
+    }
+
+    if !drains.is_empty() && p99s.len() == 2 {
+        t.section("outboxd / baseline");
+        t.add(
+            "drain rate: outboxd / baseline",
+            runs,
+            median(&drains) / median(&baseline_drains),
+            "x",
+        );
+        t.add(
+            "p99 latency: baseline / outboxd",
+            1,
+            p99s[&RelayKind::Baseline] / p99s[&RelayKind::Outboxd],
+            "x",
+        );
+    }
     (t, ok)
 }
 

@@ -1,8 +1,9 @@
 //! High-load (drain) mode, as one instance sees it.
 //!
 //! A transaction that issued NOTIFY holds a cluster-wide lock through its commit, so a
-//! notifying trigger lets producers commit only one at a time. When this instance claims
-//! at least `enter_rate` events in a second it switches the trigger off for everyone
+//! notifying trigger lets producers commit only one at a time. When producers insert at
+//! least `enter_rate` events a second (the growth of the event ids this instance claims
+//! or is notified of), it switches the trigger off for everyone
 //! (`outbox_mode`: drain mode, a lease renewed every second while the load lasts) and
 //! claims back to back instead, pausing `poll_interval` after a short claim. Other
 //! instances hear "drain" on the channel and claim back to back too.
@@ -55,9 +56,13 @@ pub struct HighLoad {
     holder: String,
     metrics: Metrics,
     mode: Mode,
-    /// Start of the current measuring window (None: nothing claimed since the last one).
+    /// Start of the current measuring window (None: no new event seen since the last one).
     window_start: Option<Instant>,
-    window_claimed: u64,
+    /// The highest event id seen (claimed or notified), and its value at the window's
+    /// start. Ids come from one sequence, so their growth is the insert rate of every
+    /// producer, the same for every instance, whichever claimed what.
+    highest_id: i64,
+    window_start_id: i64,
     /// Read the mode from the database at the next tick (the listener reconnected, so
     /// a broadcast may have been missed).
     recheck: bool,
@@ -72,7 +77,8 @@ impl HighLoad {
             metrics,
             mode: Mode::Notify,
             window_start: None,
-            window_claimed: 0,
+            highest_id: 0,
+            window_start_id: 0,
             recheck: false,
             next_poll: Instant::now(),
         }
@@ -82,13 +88,20 @@ impl HighLoad {
         &self.mode
     }
 
-    /// `n` events were claimed (by any kind of claim).
-    pub fn claimed(&mut self, n: usize) {
-        if n == 0 {
+    /// An event id was claimed or notified.
+    pub fn saw(&mut self, id: i64) {
+        if id <= self.highest_id {
             return;
         }
-        self.window_start.get_or_insert_with(Instant::now);
-        self.window_claimed += n as u64;
+        if self.window_start.is_none() {
+            self.window_start = Some(Instant::now());
+            if self.highest_id == 0 {
+                // The first id since start: measure from here.
+                self.highest_id = id;
+            }
+            self.window_start_id = self.highest_id;
+        }
+        self.highest_id = id;
     }
 
     /// Another instance entered or renewed drain mode.
@@ -148,8 +161,9 @@ impl HighLoad {
         if let Some(start) = self.window_start
             && now >= start + WINDOW
         {
-            let rate = self.window_claimed as f64 / now.duration_since(start).as_secs_f64();
-            self.window_claimed = 0;
+            let grown = (self.highest_id - self.window_start_id).max(0);
+            let rate = grown as f64 / now.duration_since(start).as_secs_f64();
+            self.window_start_id = self.highest_id;
             self.window_start = (self.mode != Mode::Notify).then_some(now);
             self.judge(store, rate).await;
         }
@@ -207,8 +221,7 @@ impl HighLoad {
             }
             Mode::Drain { holding, .. } => {
                 if rate >= c.exit_rate as f64 {
-                    if holding || c.enabled {
-                        // Renew (a follower with load of its own takes over the lease).
+                    if holding {
                         self.enter(store, rate).await;
                     }
                 } else if holding {

@@ -196,6 +196,9 @@ impl State {
     fn absorb(&mut self, wake: Wake) {
         match wake {
             Wake::Ids(ids) => {
+                if let Some(highest) = ids.iter().max() {
+                    self.high_load.saw(*highest);
+                }
                 self.pending.extend(ids);
                 if self.pending.len() > MAX_PENDING_IDS {
                     self.pending.clear();
@@ -395,7 +398,9 @@ impl Relay {
             match claimed {
                 Ok(claim) => {
                     state.claim_failures = 0;
-                    state.high_load.claimed(claim.events.len());
+                    if let Some(highest) = claim.events.iter().map(|e| e.id).max() {
+                        state.high_load.saw(highest);
+                    }
                     let token = claim.lock_token;
                     // Events of one route travel together; a slow destination holds up
                     // only the events routed to it.

@@ -316,6 +316,7 @@ async fn d_a_crash_in_drain_mode_turns_notifications_back_on_when_the_lease_laps
     // This instance never enters drain mode itself; its reaper returns what the crashed
     // one held.
     config.relay.lease = Duration::from_secs(2);
+    config.high_load.enter_rate = 1_000_000;
     let service = start(config.clone()).await;
     let heard = Heard::listen(&db.url).await;
     // The other instance enters drain mode at 20 events/s, with a 3 s drain lease.
