@@ -296,3 +296,73 @@ async fn demo_shows_events_arriving() {
     assert_eq!(stdout.matches("commit to consumer").count(), 3, "{stdout}");
     assert_eq!(db.count("PUBLISHED").await, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_from_before_high_load_mode_says_to_migrate_and_migrate_upgrades_it() {
+    // A database migrated by a version without migration 0003: no outbox_mode, the old
+    // trigger function.
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "DROP TABLE outbox_mode;
+             DELETE FROM outboxd_schema_migrations WHERE version = 3;",
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            outboxd::store::migrate::MIGRATIONS[0]
+                .sql
+                .split("CREATE FUNCTION")
+                .nth(1)
+                .map(|rest| {
+                    format!(
+                        "CREATE OR REPLACE FUNCTION{}",
+                        rest.split("CREATE TRIGGER").next().unwrap()
+                    )
+                })
+                .unwrap()
+                .as_str(),
+        )
+        .await
+        .unwrap();
+    // An event committed under the old schema.
+    client
+        .execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             VALUES ('order', '1', 'order.created', '{}')",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    let output = outboxd(&["run"], &[("DATABASE_URL", &db.url)]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = stderr(&output);
+    assert!(
+        text.contains("outbox_mode") && text.contains("run `outboxd migrate`"),
+        "{text}"
+    );
+
+    let migrated = outboxd(&["migrate"], &[("DATABASE_URL", &db.url)]);
+    assert!(migrated.status.success(), "{}", stderr(&migrated));
+    assert_eq!(
+        query_i64(
+            &db,
+            "SELECT count(*) FROM outbox_mode WHERE mode = 'notify'"
+        )
+        .await,
+        1
+    );
+    // The event is still there, and new inserts work with the new trigger.
+    client
+        .execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             VALUES ('order', '2', 'order.created', '{}')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(query_i64(&db, "SELECT count(*) FROM outbox").await, 2);
+}
