@@ -360,7 +360,14 @@ impl Relay {
                 };
                 match claimed {
                     Ok(claim) => {
-                        if claim.events.len() < batch {
+                        // A drain-mode poll claims back to back until a claim comes
+                        // back empty; other sweeps end with the first short claim.
+                        let more = if sweep == Sweep::Drain {
+                            !claim.events.is_empty()
+                        } else {
+                            claim.events.len() == batch
+                        };
+                        if !more {
                             state.sweep = None;
                         }
                         if let Some(kind) = sweep.recovered_label() {
