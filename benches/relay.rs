@@ -219,18 +219,22 @@ fn config(db: &TestDb, broker: &TestBroker) -> outboxd::Config {
 
 /// `n` outboxd instances on `db`, started together, each with its listener up.
 async fn start_instances(db: &TestDb, broker: &TestBroker, n: usize) -> Vec<Outboxd> {
-    let starts = (0..n).map(|_| Outboxd::start(config(db, broker)));
-    let services: Vec<Outboxd> = futures_util::future::join_all(starts)
-        .await
-        .into_iter()
-        .map(|s| s.expect("start outboxd"))
-        .collect();
-    for service in &services {
-        while service.metrics().listener_connected.get() != 1 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    futures_util::future::join_all((0..n).map(|_| support::start(config(db, broker)))).await
+}
+
+/// `runs` results of a scenario that reports (value, every event consumed).
+async fn repeat<F, Fut>(runs: usize, ok: &mut bool, mut scenario: F) -> Vec<f64>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (f64, bool)>,
+{
+    let mut values = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let (value, complete) = scenario().await;
+        *ok &= complete;
+        values.push(value);
     }
-    services
+    values
 }
 
 async fn baseline_relay(url: String, exchange: String, stop: tokio_util::sync::CancellationToken) {
@@ -649,12 +653,7 @@ async fn run(s: &Settings) -> (Table, bool) {
                 "commits/s",
             );
         }
-        let mut rates = Vec::new();
-        for _ in 0..runs {
-            let (rate, complete) = broker_ceiling(s.broker_messages).await;
-            ok &= complete;
-            rates.push(rate);
-        }
+        let rates = repeat(runs, &mut ok, || broker_ceiling(s.broker_messages)).await;
         t.add(
             format!(
                 "RabbitMQ alone: {} confirmed publishes, 100 outstanding",
@@ -768,18 +767,18 @@ async fn run(s: &Settings) -> (Table, bool) {
         );
     }
 
-    let mut drains = Vec::new();
-    let mut baseline_drains = Vec::new();
+    let mut drains: Vec<f64> = Vec::new();
+    let mut baseline_drains: Vec<f64> = Vec::new();
     if s.wants("backlog") {
         t.section("backlog drain: PENDING events committed first, then the relay starts");
-        for _ in 0..runs {
-            let (rate, complete) = backlog_drain(RelayKind::Outboxd, s.backlog, 1).await;
-            ok &= complete;
-            drains.push(rate);
-            let (rate, complete) = backlog_drain(RelayKind::Baseline, s.baseline_backlog, 1).await;
-            ok &= complete;
-            baseline_drains.push(rate);
-        }
+        drains = repeat(runs, &mut ok, || {
+            backlog_drain(RelayKind::Outboxd, s.backlog, 1)
+        })
+        .await;
+        baseline_drains = repeat(runs, &mut ok, || {
+            backlog_drain(RelayKind::Baseline, s.baseline_backlog, 1)
+        })
+        .await;
         t.add(
             format!("outboxd: {} events", s.backlog),
             runs,
@@ -792,12 +791,7 @@ async fn run(s: &Settings) -> (Table, bool) {
             median(&baseline_drains),
             "ev/s",
         );
-        let mut webhook = Vec::new();
-        for _ in 0..runs {
-            let (rate, complete) = webhook_drain(s.webhook_backlog).await;
-            ok &= complete;
-            webhook.push(rate);
-        }
+        let webhook = repeat(runs, &mut ok, || webhook_drain(s.webhook_backlog)).await;
         t.add(
             format!(
                 "outboxd to one webhook endpoint: {} events",
@@ -815,13 +809,10 @@ async fn run(s: &Settings) -> (Table, bool) {
             s.scale_backlog
         ));
         for instances in [1, 2, 4] {
-            let mut rates = Vec::new();
-            for _ in 0..runs {
-                let (rate, complete) =
-                    backlog_drain(RelayKind::Outboxd, s.scale_backlog, instances).await;
-                ok &= complete;
-                rates.push(rate);
-            }
+            let rates = repeat(runs, &mut ok, || {
+                backlog_drain(RelayKind::Outboxd, s.scale_backlog, instances)
+            })
+            .await;
             t.add(
                 format!("{instances} instance(s)"),
                 runs,

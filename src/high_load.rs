@@ -109,15 +109,18 @@ impl HighLoad {
         let lease_end = Instant::now() + self.config.lease;
         match &mut self.mode {
             Mode::Drain { lease_end: end, .. } => *end = (*end).max(lease_end),
-            _ => {
-                self.set(Mode::Drain {
-                    holding: false,
-                    lease_end,
-                });
-                self.window_start.get_or_insert_with(Instant::now);
-                self.next_poll = Instant::now();
-            }
+            _ => self.follow(lease_end),
         }
+    }
+
+    /// Claims back to back because another instance holds drain mode until `lease_end`.
+    fn follow(&mut self, lease_end: Instant) {
+        self.set(Mode::Drain {
+            holding: false,
+            lease_end,
+        });
+        self.window_start.get_or_insert_with(Instant::now);
+        self.next_poll = Instant::now();
     }
 
     /// An instance left drain mode: leave it too.
@@ -283,14 +286,7 @@ impl HighLoad {
                 let lease_end = Instant::now() + row.remaining;
                 match &mut self.mode {
                     Mode::Drain { lease_end: end, .. } => *end = lease_end,
-                    _ => {
-                        self.set(Mode::Drain {
-                            holding: false,
-                            lease_end,
-                        });
-                        self.window_start.get_or_insert_with(Instant::now);
-                        self.next_poll = Instant::now();
-                    }
+                    _ => self.follow(lease_end),
                 }
             }
             Ok(_) => {
@@ -314,7 +310,7 @@ impl HighLoad {
         else {
             return false;
         };
-        let now = Instant::now();
+        self.metrics.high_load_claims.inc();
         let fence = match fence {
             Some(fence) => fence,
             None => match store.drain_fence().await {
@@ -322,20 +318,12 @@ impl HighLoad {
                 Ok(None) => {
                     // Drain mode is on again (another instance entered it).
                     self.recheck = true;
-                    self.mode = Mode::Leaving {
-                        fence: None,
-                        interval,
-                        next: now + interval,
-                    };
+                    self.leave_later(None, interval);
                     return true;
                 }
                 Err(error) => {
                     tracing::warn!(%error, "could not take the drain fence; trying again");
-                    self.mode = Mode::Leaving {
-                        fence: None,
-                        interval,
-                        next: now + interval,
-                    };
+                    self.leave_later(None, interval);
                     return true;
                 }
             },
@@ -347,25 +335,22 @@ impl HighLoad {
                 );
                 self.set(Mode::Notify);
             }
-            Ok(false) => {
-                let interval = (interval * 2).min(MAX_LEAVING_INTERVAL);
-                self.mode = Mode::Leaving {
-                    fence: Some(fence),
-                    interval,
-                    next: now + interval,
-                };
-            }
+            Ok(false) => self.leave_later(Some(fence), (interval * 2).min(MAX_LEAVING_INTERVAL)),
             Err(error) => {
                 tracing::warn!(%error, "could not check the drain horizon; trying again");
-                self.mode = Mode::Leaving {
-                    fence: Some(fence),
-                    interval,
-                    next: now + interval,
-                };
+                self.leave_later(Some(fence), (interval * 2).min(MAX_LEAVING_INTERVAL));
             }
         }
-        self.metrics.high_load_claims.inc();
         true
+    }
+
+    /// Still leaving: the next step (and claim) in `interval`.
+    fn leave_later(&mut self, fence: Option<String>, interval: Duration) {
+        self.mode = Mode::Leaving {
+            fence,
+            interval,
+            next: Instant::now() + interval,
+        };
     }
 
     fn set(&mut self, mode: Mode) {

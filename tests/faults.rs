@@ -417,20 +417,7 @@ async fn postgres_restart_during_load_loses_nothing() {
     let cluster = tokio::task::spawn_blocking(PrivateCluster::start)
         .await
         .unwrap();
-    let admin =
-        outboxd::store::connect_once(&cluster.url("postgres"), Duration::from_secs(5), "test")
-            .await
-            .unwrap();
-    admin.batch_execute("CREATE DATABASE app").await.unwrap();
-    let url = cluster.url("app");
-    let mut client = outboxd::store::connect_once(&url, Duration::from_secs(5), "test")
-        .await
-        .unwrap();
-    outboxd::store::migrate::run(&mut client).await.unwrap();
-    outboxd::store::partitions::ensure(&mut client, 7)
-        .await
-        .unwrap();
-    drop(client);
+    let url = cluster.migrated_database("app").await;
 
     let broker = TestBroker::new(Some("#")).await;
     let (_slow, broker_url) = slow_broker().await;

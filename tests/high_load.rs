@@ -86,6 +86,18 @@ async fn insert(tx: &tokio_postgres::Transaction<'_>, name: &str) -> (i64, Strin
     (id, tracking.to_string())
 }
 
+/// A REPEATABLE READ transaction that has taken its snapshot (and no xid yet).
+async fn snapshot(client: &mut tokio_postgres::Client) -> tokio_postgres::Transaction<'_> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .unwrap();
+    tx.query_one("SELECT 1", &[]).await.unwrap();
+    tx
+}
+
 async fn wait_mode(service: &Outboxd, mode: i64, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while service.metrics().high_load_mode.get() != mode {
@@ -204,13 +216,7 @@ async fn b_a_repeatable_read_producer_whose_snapshot_predates_the_switch_is_deli
 
     // P takes its snapshot while drain mode is on.
     let mut p = db.client().await;
-    let p_tx = p
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .start()
-        .await
-        .unwrap();
-    p_tx.query_one("SELECT 1", &[]).await.unwrap();
+    let p_tx = snapshot(&mut p).await;
     // S commits, outboxd takes N.
     let store = support::store(&config).await;
     assert!(store.leave_drain(OTHER).await.unwrap());
@@ -243,25 +249,9 @@ async fn c_a_prepared_transaction_holding_an_insert_across_the_switch_is_deliver
     })
     .await
     .unwrap();
-    let admin =
-        outboxd::store::connect_once(&cluster.url("postgres"), Duration::from_secs(5), "test")
-            .await
-            .unwrap();
-    admin.batch_execute("CREATE DATABASE app").await.unwrap();
-    let url = cluster.url("app");
-    let mut client = outboxd::store::connect_once(&url, Duration::from_secs(5), "test")
-        .await
-        .unwrap();
-    outboxd::store::migrate::run(&mut client).await.unwrap();
+    let url = cluster.migrated_database("app").await;
     let broker = TestBroker::new(Some("#")).await;
-    let mut config = outboxd::Config::default();
-    config.database.url = url.clone();
-    config.database.pool_size = 4;
-    config.rabbitmq.url = support::AMQP_URL.into();
-    config.rabbitmq.exchange = broker.exchange.clone();
-    config.rabbitmq.declare_exchange = false;
-    config.relay.safety_sweep_interval = Duration::from_secs(3600);
-    config.http.listen = "127.0.0.1:0".into();
+    let config = support::config_for(&url, &broker);
     let service = start(config.clone()).await;
     let heard = Heard::listen(&url).await;
     other_instance_enters_drain(&config, &service).await;
@@ -271,13 +261,7 @@ async fn c_a_prepared_transaction_holding_an_insert_across_the_switch_is_deliver
     let mut p = outboxd::store::connect_once(&url, Duration::from_secs(5), "producer")
         .await
         .unwrap();
-    let p_tx = p
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .start()
-        .await
-        .unwrap();
-    p_tx.query_one("SELECT 1", &[]).await.unwrap();
+    let p_tx = snapshot(&mut p).await;
     let store = support::store(&config).await;
     assert!(store.leave_drain(OTHER).await.unwrap());
     wait_fenced(&service).await;

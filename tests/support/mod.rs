@@ -437,8 +437,13 @@ impl Drop for TestBroker {
 /// A config for `db` and `broker` with test-friendly timings: the safety sweep is an
 /// hour away, so only the push path and the reconnect sweep deliver.
 pub fn config(db: &TestDb, broker: &TestBroker) -> Config {
+    config_for(&db.url, broker)
+}
+
+/// The same test-friendly config for a database given by URL.
+pub fn config_for(database_url: &str, broker: &TestBroker) -> Config {
     let mut config = Config::default();
-    config.database.url = db.url.clone();
+    config.database.url = database_url.to_string();
     config.database.pool_size = 4;
     config.rabbitmq.url = AMQP_URL.into();
     config.rabbitmq.exchange = broker.exchange.clone();

@@ -134,6 +134,27 @@ impl PrivateCluster {
         self.pg_ctl(&["restart", "-m", "fast"]);
     }
 
+    /// Creates `database`, migrated as `outboxd migrate` does; returns its URL.
+    pub async fn migrated_database(&self, database: &str) -> String {
+        let timeout = std::time::Duration::from_secs(5);
+        let admin = outboxd::store::connect_once(&self.url("postgres"), timeout, "test")
+            .await
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .unwrap();
+        let url = self.url(database);
+        let mut client = outboxd::store::connect_once(&url, timeout, "test")
+            .await
+            .unwrap();
+        outboxd::store::migrate::run(&mut client).await.unwrap();
+        outboxd::store::partitions::ensure(&mut client, 7)
+            .await
+            .unwrap();
+        url
+    }
+
     pub fn url(&self, database: &str) -> String {
         format!(
             "postgres://postgres@127.0.0.1:{}/{database}?sslmode=disable",
