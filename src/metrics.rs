@@ -25,6 +25,33 @@ impl SweepKind {
     }
 }
 
+/// The `kind` label of `outbox_delivery_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Failed; retried later (an attempt was used).
+    Retry,
+    /// Failed for good: the event is a dead letter.
+    Rejected,
+    /// Not attempted: the destination was unavailable (no attempt used).
+    Deferred,
+}
+
+impl FailureKind {
+    pub const ALL: [FailureKind; 3] = [
+        FailureKind::Retry,
+        FailureKind::Rejected,
+        FailureKind::Deferred,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            FailureKind::Retry => "retry",
+            FailureKind::Rejected => "rejected",
+            FailureKind::Deferred => "deferred",
+        }
+    }
+}
+
 /// Every metric of the instance, registered in its own registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -243,6 +270,27 @@ impl Metrics {
     /// `_bucket`/`_sum`/`_count` suffixes).
     pub fn names(&self) -> &[String] {
         &self.names
+    }
+
+    /// Exports every series of `destination` at zero (published, each failure kind, its
+    /// circuit), so a dashboard or an `absent()` alert sees a healthy destination as 0,
+    /// not as "no data". Called once per destination when the destinations are built.
+    pub fn add_destination(&self, destination: &str) {
+        self.published.with_label_values(&[destination]);
+        for kind in FailureKind::ALL {
+            self.delivery_failures
+                .with_label_values(&[destination, kind.label()]);
+        }
+        self.destination_circuit_open
+            .with_label_values(&[destination])
+            .set(0);
+    }
+
+    /// Counts one failed delivery.
+    pub fn failed(&self, destination: &str, kind: FailureKind) {
+        self.delivery_failures
+            .with_label_values(&[destination, kind.label()])
+            .inc();
     }
 
     /// Events recovered by `kind` of sweep so far.

@@ -84,6 +84,9 @@ impl Outboxd {
                 .map_err(|e| StartError::Destination(format!("webhook {name}: {e}")))?;
             destinations.push(Arc::new(sink));
         }
+        for destination in &destinations {
+            metrics.add_destination(destination.name());
+        }
         let health = Health::new(
             config.http.gauge_refresh_interval,
             destinations.iter().map(|d| d.name().to_string()).collect(),

@@ -255,7 +255,30 @@ async fn metrics_pass_promtool_and_counters_move_by_the_right_amounts() {
     );
     assert_eq!(s("outbox_listener_connected"), 1.0);
     assert!(s("outbox_notifications_total") >= 8.0);
-    assert_eq!(s("outbox_notification_queue_usage_ratio"), 0.0);
+    // Cluster-wide (every database's listeners share one queue): it must equal what the
+    // database reports, whatever other databases do; never a constant.
+    let reported = async || -> f64 {
+        producer
+            .query_one("SELECT pg_notification_queue_usage()", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let same_as_database = eventually(Duration::from_secs(10), async || {
+        let before = reported().await;
+        // Two refreshes (every 200 ms) inside the window.
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        let gauge = metrics.notification_queue_usage.get();
+        let after = reported().await;
+        before == after && gauge == after
+    })
+    .await;
+    assert!(
+        same_as_database,
+        "outbox_notification_queue_usage_ratio = {} never matched pg_notification_queue_usage() = {}",
+        metrics.notification_queue_usage.get(),
+        reported().await
+    );
     assert_eq!(s("outbox_default_partition_rows"), 0.0);
     assert!(s("process_resident_memory_bytes") > 0.0);
     for name in exported_names() {
@@ -368,6 +391,60 @@ fn grafana_dashboard_references_only_exported_metrics() {
         let unknown: Vec<&String> = named.difference(&exported).collect();
         assert!(unknown.is_empty(), "{expr}: {unknown:?} not exported");
     }
+}
+
+/// A dashboard panel or an `absent()` alert must not show "no data" on a healthy system:
+/// every series of a known label set is exported, at zero, before anything happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_known_series_is_exported_at_zero_before_anything_happens() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let hook = Endpoint::start(|_: &Hit| Reply::ok()).await;
+    let mut config = support::config(&db, &broker);
+    config
+        .webhooks
+        .insert("hook".into(), WebhookConfig::new(hook.url(), SECRET));
+    config.routing.routes = vec![RouteConfig {
+        event_types: vec!["*".into()],
+        destinations: vec!["rabbitmq".into(), "webhook:hook".into()],
+    }];
+    let service = start(config).await;
+    let (status, exposition) = http_get(service.http_addr().unwrap(), "/metrics").await;
+    assert_eq!(status, 200);
+    let s = |series: &str| sample(&exposition, series);
+    for destination in ["rabbitmq", "webhook:hook"] {
+        assert_eq!(
+            s(&format!(
+                "outbox_events_published_total{{destination=\"{destination}\"}}"
+            )),
+            0.0
+        );
+        for kind in ["deferred", "rejected", "retry"] {
+            assert_eq!(
+                s(&format!(
+                    "outbox_delivery_failures_total{{destination=\"{destination}\",kind=\"{kind}\"}}"
+                )),
+                0.0,
+                "{destination} {kind}"
+            );
+        }
+        assert_eq!(
+            s(&format!(
+                "outbox_destination_circuit_open{{destination=\"{destination}\"}}"
+            )),
+            0.0
+        );
+    }
+    for sweep in ["reconnect", "safety"] {
+        s(&format!("outbox_sweep_recovered_total{{sweep=\"{sweep}\"}}"));
+    }
+    for to in ["drain", "notify"] {
+        assert_eq!(
+            s(&format!("outbox_high_load_switches_total{{to=\"{to}\"}}")),
+            0.0
+        );
+    }
+    service.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

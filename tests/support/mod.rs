@@ -48,24 +48,39 @@ pub async fn http_request(
     (status, body)
 }
 
-/// promtool: `$PROMTOOL`, then the copy `.ci/run` unpacks under target/tools, then PATH.
+/// promtool: `$PROMTOOL` (set by `scripts/test`), then the copy `scripts/test` unpacks
+/// under target/tools, then PATH. Missing, the test fails: it is never skipped.
 pub fn promtool() -> std::path::PathBuf {
-    if let Ok(path) = std::env::var("PROMTOOL") {
+    tool("PROMTOOL", "target/tools/usr/bin/promtool", "promtool")
+}
+
+/// The Python that has the `standardwebhooks` verifier: `$OUTBOXD_TEST_PYTHON` (set by
+/// `scripts/test`), then the virtualenv `scripts/test` makes under target/tools.
+pub fn test_python() -> std::path::PathBuf {
+    tool("OUTBOXD_TEST_PYTHON", "target/tools/python/bin/python", "")
+}
+
+fn tool(variable: &str, unpacked: &str, on_path: &str) -> std::path::PathBuf {
+    if let Ok(path) = std::env::var(variable) {
         return path.into();
     }
-    let unpacked =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/usr/bin/promtool");
+    let unpacked = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(unpacked);
     if unpacked.exists() {
         return unpacked;
     }
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("promtool"))
-            .find(|candidate| candidate.exists())
-    });
-    found.expect(
-        "promtool not found: run `bash .ci/run` once (it unpacks Debian's prometheus package into target/tools), or set PROMTOOL",
-    )
+    let found = std::env::var_os("PATH")
+        .filter(|_| !on_path.is_empty())
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(on_path))
+                .find(|candidate| candidate.exists())
+        });
+    found.unwrap_or_else(|| {
+        panic!(
+            "{variable} is not set and {} does not exist: run the suite with ./scripts/test (it installs the tool there)",
+            unpacked.display()
+        )
+    })
 }
 
 use futures_util::StreamExt;

@@ -219,19 +219,24 @@ pub fn verify_with_standardwebhooks(items: &[(&str, &Hit)]) -> Result<String, St
         .collect();
     let script = r#"
 import json, sys
-from standardwebhooks.webhooks import Webhook
+try:
+    from standardwebhooks.webhooks import Webhook
+except ImportError as error:
+    print(f"MISSING {error}", file=sys.stderr)
+    sys.exit(3)
 cases = json.load(sys.stdin)
 for case in cases:
     Webhook(case["secret"]).verify(case["body"], case["headers"])
 print(f"verified {len(cases)} request(s)")
 "#;
-    let mut child = std::process::Command::new("python3")
+    let python = super::test_python();
+    let mut child = std::process::Command::new(&python)
         .args(["-c", script])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run python3: {e}"))?;
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
     use std::io::Write;
     child
         .stdin
@@ -240,11 +245,18 @@ print(f"verified {len(cases)} request(s)")
         .write_all(serde_json::to_string(&cases).unwrap().as_bytes())
         .unwrap();
     let output = child.wait_with_output().unwrap();
+    // A missing verifier fails the test; it must never look like a refused signature.
+    assert_ne!(
+        output.status.code(),
+        Some(3),
+        "the standardwebhooks verifier is missing ({}): run the suite with ./scripts/test",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
     } else {
         Err(format!(
-            "standardwebhooks refused a request (install it with `pip install standardwebhooks`): {}",
+            "standardwebhooks refused a request : {}",
             String::from_utf8_lossy(&output.stderr)
         ))
     }
