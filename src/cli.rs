@@ -2,8 +2,8 @@
 //! 0 done, 1 a runtime failure (database unreachable...), 2 bad usage or configuration.
 
 use crate::config::{Config, ConfigError};
+use crate::dead_letters::{self, DeadLetterError, ListRequest};
 use crate::service::Outboxd;
-use crate::store::operations::{DeadLetterFilter, RedriveError};
 use crate::store::{Store, connect_once, migrate, partitions};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -80,8 +80,9 @@ pub enum DeadLettersCommand {
         /// The next page: ids below this one (printed at the end of a full page).
         #[arg(long)]
         before_id: Option<i64>,
-        #[arg(long, default_value_t = 50)]
-        limit: i64,
+        /// Dead letters per page (default 50, at most 1000).
+        #[arg(long)]
+        limit: Option<i64>,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -279,7 +280,9 @@ async fn wait_for_signal() {
 }
 
 async fn status_command(config: &Config) -> Result<(), Failure> {
-    let store = Store::connect(config).await.map_err(anyhow::Error::from)?;
+    let store = Store::connect(&config.database)
+        .await
+        .map_err(anyhow::Error::from)?;
     let rows = store.status().await.map_err(anyhow::Error::from)?;
     println!("{:<12} {:>12} {:>14}", "status", "events", "oldest");
     for row in &rows {
@@ -308,18 +311,23 @@ async fn status_command(config: &Config) -> Result<(), Failure> {
     Ok(())
 }
 
-fn parse_time(flag: &str, text: Option<&str>) -> Result<Option<std::time::SystemTime>, Failure> {
-    text.map(|t| {
-        humantime::parse_rfc3339_weak(t).map_err(|_| Failure {
-            code: 2,
-            message: format!("{flag} {t:?} is not a time like 2026-11-24T16:00:00Z"),
-        })
-    })
-    .transpose()
+impl From<DeadLetterError> for Failure {
+    fn from(error: DeadLetterError) -> Self {
+        let code = match error {
+            DeadLetterError::BadRequest(_) => 2,
+            DeadLetterError::NotFound(_) | DeadLetterError::Store(_) => 1,
+        };
+        Failure {
+            code,
+            message: error.to_string(),
+        }
+    }
 }
 
 async fn dead_letters_command(config: &Config, command: DeadLettersCommand) -> Result<(), Failure> {
-    let store = Store::connect(config).await.map_err(anyhow::Error::from)?;
+    let store = Store::connect(&config.database)
+        .await
+        .map_err(anyhow::Error::from)?;
     match command {
         DeadLettersCommand::List {
             event_type,
@@ -329,29 +337,25 @@ async fn dead_letters_command(config: &Config, command: DeadLettersCommand) -> R
             limit,
             json,
         } => {
-            let filter = DeadLetterFilter {
-                event_type,
-                since: parse_time("--since", since.as_deref())?,
-                until: parse_time("--until", until.as_deref())?,
-                before_id,
-                limit,
-            };
-            let items = store
-                .list_dead_letters(&filter)
-                .await
-                .map_err(anyhow::Error::from)?;
-            let next = (items.len() as i64 >= limit.clamp(1, 1000))
-                .then(|| items.last().map(|d| d.id))
-                .flatten();
+            let page = dead_letters::list(
+                &store,
+                &ListRequest {
+                    event_type,
+                    since,
+                    until,
+                    before_id,
+                    limit,
+                },
+            )
+            .await?;
             if json {
-                let page = serde_json::json!({ "items": items, "next_before_id": next });
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&page).unwrap_or_default()
                 );
                 return Ok(());
             }
-            if items.is_empty() {
+            if page.items.is_empty() {
                 println!("no dead letters");
                 return Ok(());
             }
@@ -359,7 +363,7 @@ async fn dead_letters_command(config: &Config, command: DeadLettersCommand) -> R
                 "{:>10}  {:<24}  {:<28}  {:>8}  last error",
                 "id", "created", "event type", "attempts"
             );
-            for item in &items {
+            for item in &page.items {
                 let created = humantime::format_rfc3339_seconds(item.created_at).to_string();
                 let mut error = item
                     .last_error
@@ -374,17 +378,12 @@ async fn dead_letters_command(config: &Config, command: DeadLettersCommand) -> R
                     item.id, created, item.event_type, item.attempts, error
                 );
             }
-            if let Some(next) = next {
+            if let Some(next) = page.next_before_id {
                 println!("\nmore: outboxd dead-letters list --before-id {next}");
             }
         }
         DeadLettersCommand::Show { id, json } => {
-            let Some(event) = store.show_event(id).await.map_err(anyhow::Error::from)? else {
-                return Err(Failure {
-                    code: 1,
-                    message: format!("no event with id {id}"),
-                });
-            };
+            let event = dead_letters::show(&store, id).await?;
             if json {
                 println!(
                     "{}",
@@ -425,25 +424,10 @@ async fn dead_letters_command(config: &Config, command: DeadLettersCommand) -> R
             let by = by
                 .or_else(|| std::env::var("USER").ok())
                 .unwrap_or_else(|| "cli".into());
-            let redriven =
-                store
-                    .redrive(&ids, &reason, &by)
-                    .await
-                    .map_err(|error| match error {
-                        RedriveError::Store(error) => Failure::from(anyhow::Error::from(error)),
-                        refused => Failure {
-                            code: 2,
-                            message: refused.to_string(),
-                        },
-                    })?;
-            let skipped: Vec<i64> = ids
-                .iter()
-                .copied()
-                .filter(|id| !redriven.contains(id))
-                .collect();
-            println!("redriven: {redriven:?}");
-            if !skipped.is_empty() {
-                println!("not dead letters (left alone): {skipped:?}");
+            let done = dead_letters::redrive(&store, &ids, &reason, &by).await?;
+            println!("redriven: {:?}", done.redriven);
+            if !done.not_dead_letters.is_empty() {
+                println!("not dead letters (left alone): {:?}", done.not_dead_letters);
             }
         }
     }
@@ -451,7 +435,7 @@ async fn dead_letters_command(config: &Config, command: DeadLettersCommand) -> R
 }
 
 async fn demo_command(mut config: Config, events: usize) -> Result<(), Failure> {
-    use crate::sink::rabbitmq::DemoQueue;
+    use crate::sink::rabbitmq::demo_queue::DemoQueue;
     use std::time::Instant;
     migrate_command(&config, false).await?;
     // The demo delivers to RabbitMQ whatever the routes say.

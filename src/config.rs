@@ -2,11 +2,20 @@
 //! `DATABASE_URL`) environment variables, then CLI flags. Every value is checked at start;
 //! an invalid one fails with the key, the value and the fix, before anything runs.
 
+use crate::duration_text;
 use crate::routing::{Router, Unrouted};
+use crate::sink::DestinationConfig;
+use crate::validate::{Setting, backoff_bounds, show};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
+
+pub use crate::secret::{Secret, redact};
+pub use crate::sink::rabbitmq::RabbitMqConfig;
+pub use crate::sink::webhook::WebhookConfig;
+pub use crate::store::DatabaseConfig;
+pub use crate::validate::{ConfigError, env_name};
 
 /// The whole configuration of one outboxd instance.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -44,80 +53,6 @@ pub struct RouteConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookConfig {
-    /// Where events are POSTed (http:// or https://). Redirects are not followed.
-    pub url: String,
-    /// Standard Webhooks secrets (`whsec_<base64>`). Each one signs every request, so
-    /// a secret can be rotated without downtime.
-    pub secrets: Vec<Secret>,
-    #[serde(with = "duration_text", default = "WebhookConfig::default_timeout")]
-    pub timeout: Duration,
-    /// Requests in flight to this endpoint at most.
-    #[serde(default = "WebhookConfig::default_max_in_flight")]
-    pub max_in_flight: usize,
-    /// Extra headers on every request.
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    /// Consecutive failures that open the circuit.
-    #[serde(default = "WebhookConfig::default_failures_to_open")]
-    pub failures_to_open: u32,
-    /// How long an open circuit waits before one probe (doubles per failed probe, up to
-    /// six times this).
-    #[serde(with = "duration_text", default = "WebhookConfig::default_cool_down")]
-    pub cool_down: Duration,
-}
-
-impl WebhookConfig {
-    fn default_timeout() -> Duration {
-        Duration::from_secs(10)
-    }
-    fn default_max_in_flight() -> usize {
-        16
-    }
-    fn default_failures_to_open() -> u32 {
-        5
-    }
-    fn default_cool_down() -> Duration {
-        Duration::from_secs(5)
-    }
-
-    /// A webhook to `url` signed with `secret`, other settings at their defaults.
-    pub fn new(url: impl Into<String>, secret: impl Into<String>) -> WebhookConfig {
-        WebhookConfig {
-            url: url.into(),
-            secrets: vec![Secret::new(secret)],
-            timeout: Self::default_timeout(),
-            max_in_flight: Self::default_max_in_flight(),
-            headers: BTreeMap::new(),
-            failures_to_open: Self::default_failures_to_open(),
-            cool_down: Self::default_cool_down(),
-        }
-    }
-}
-
-/// A secret: usable, never shown (`Debug` prints `***`).
-#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Address of `/metrics`, `/healthz`, `/readyz` and the dead-letter API; empty turns
@@ -139,19 +74,6 @@ impl Default for HttpConfig {
             gauge_refresh_interval: Duration::from_secs(15),
         }
     }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct DatabaseConfig {
-    /// Connection string for claims and outcomes (a pooler in transaction mode is fine).
-    pub url: String,
-    /// Direct connection for LISTEN; empty means `url`. Point it past any pooler in
-    /// transaction mode: such a pooler silently breaks LISTEN.
-    pub listen_url: String,
-    pub pool_size: usize,
-    #[serde(with = "duration_text")]
-    pub connect_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -244,48 +166,12 @@ pub struct RetryConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
-pub struct RabbitMqConfig {
-    pub url: String,
-    pub exchange: String,
-    /// Used only when `declare_exchange` is true.
-    pub exchange_type: String,
-    /// Declare the exchange (durable) at connect. Off: it must already exist.
-    pub declare_exchange: bool,
-    /// Template; `{event_type}`, `{aggregate_type}` and `{aggregate_id}` are replaced.
-    pub routing_key: String,
-    /// A batch whose confirms have not all arrived by then counts as failed.
-    #[serde(with = "duration_text")]
-    pub confirm_timeout: Duration,
-    /// Larger payloads are dead-lettered instead of published (keep it at or below the
-    /// broker's `max_message_size`, which closes the channel over a larger message).
-    pub max_payload_bytes: usize,
-    /// For `amqps://`: a PEM file of the CA(s) to trust instead of the system's roots.
-    pub ca_file: String,
-    #[serde(with = "duration_text")]
-    pub reconnect_min_delay: Duration,
-    #[serde(with = "duration_text")]
-    pub reconnect_max_delay: Duration,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
 pub struct PartitionsConfig {
     /// Daily partitions are kept created this many days ahead of today (UTC).
     pub days_ahead: u32,
     /// How often `run` checks them (and the DEFAULT partition).
     #[serde(with = "duration_text")]
     pub check_interval: Duration,
-}
-
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        Self {
-            url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
-            listen_url: String::new(),
-            pool_size: 8,
-            connect_timeout: Duration::from_secs(5),
-        }
-    }
 }
 
 impl Default for ListenerConfig {
@@ -322,62 +208,12 @@ impl Default for RetryConfig {
     }
 }
 
-impl Default for RabbitMqConfig {
-    fn default() -> Self {
-        Self {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            exchange: "outbox".into(),
-            exchange_type: "topic".into(),
-            declare_exchange: true,
-            routing_key: "{event_type}".into(),
-            confirm_timeout: Duration::from_secs(10),
-            max_payload_bytes: 16 * 1024 * 1024,
-            ca_file: String::new(),
-            reconnect_min_delay: Duration::from_millis(200),
-            reconnect_max_delay: Duration::from_secs(10),
-        }
-    }
-}
-
 impl Default for PartitionsConfig {
     fn default() -> Self {
         Self {
             days_ahead: 7,
             check_interval: Duration::from_secs(24 * 3600),
         }
-    }
-}
-
-/// A configuration problem, worded for the person who has to fix it.
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {reason}")]
-    Unreadable { path: String, reason: String },
-    #[error("config file {path} is not valid: {reason}")]
-    Malformed { path: String, reason: String },
-    #[error("invalid config {key} = {value:?}: {problem}; fix: {fix}")]
-    Invalid {
-        key: String,
-        value: String,
-        problem: String,
-        fix: String,
-    },
-}
-
-/// The environment variable that overrides `section.key`.
-pub fn env_name(section: &str, key: &str) -> String {
-    format!("OUTBOXD_{}_{}", section.to_uppercase(), key.to_uppercase())
-}
-
-fn invalid(section: &str, key: &str, value: impl ToString, problem: impl ToString) -> ConfigError {
-    ConfigError::Invalid {
-        key: format!("{section}.{key}"),
-        value: value.to_string(),
-        problem: problem.to_string(),
-        fix: format!(
-            "set `{key}` under [{section}] in outboxd.toml or the environment variable {}",
-            env_name(section, key)
-        ),
     }
 }
 
@@ -414,63 +250,30 @@ impl Config {
         Ok((config, warnings))
     }
 
-    /// The URL the listener connects to.
-    pub fn listen_url(&self) -> &str {
-        if self.database.listen_url.is_empty() {
-            &self.database.url
-        } else {
-            &self.database.listen_url
-        }
-    }
-
     /// Checks every value's range and shape.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let d = &self.database;
-        if d.url.trim().is_empty() {
-            return Err(invalid(
-                "database",
-                "url",
-                &d.url,
-                "is empty (DATABASE_URL is honoured too)",
-            ));
-        }
-        crate::tls::parse_url(&d.url).map_err(|e| invalid("database", "url", redact(&d.url), e))?;
-        if !d.listen_url.is_empty() {
-            crate::tls::parse_url(&d.listen_url)
-                .map_err(|e| invalid("database", "listen_url", redact(&d.listen_url), e))?;
-        }
-        in_range("database", "pool_size", d.pool_size, 1..=256)?;
-        positive("database", "connect_timeout", d.connect_timeout)?;
+        self.database.check()?;
 
         let l = &self.listener;
-        positive("listener", "ping_interval", l.ping_interval)?;
-        positive("listener", "keepalive_idle", l.keepalive_idle)?;
+        let at = |key| Setting::at("listener", key);
+        at("ping_interval").positive(l.ping_interval)?;
+        at("keepalive_idle").positive(l.keepalive_idle)?;
         backoff_bounds("listener", l.reconnect_min_delay, l.reconnect_max_delay)?;
 
         let r = &self.relay;
-        in_range("relay", "batch_size", r.batch_size, 1..=10_000)?;
-        in_range(
-            "relay",
-            "max_in_flight_batches",
-            r.max_in_flight_batches,
-            1..=64,
-        )?;
+        let at = |key| Setting::at("relay", key);
+        at("batch_size").in_range(r.batch_size, 1..=10_000)?;
+        at("max_in_flight_batches").in_range(r.max_in_flight_batches, 1..=64)?;
         if r.lease < Duration::from_secs(1) {
-            return Err(invalid(
-                "relay",
-                "lease",
-                show(r.lease),
-                "must be at least 1s",
-            ));
+            return Err(at("lease").invalid(show(r.lease), "must be at least 1s"));
         }
-        positive("relay", "safety_sweep_interval", r.safety_sweep_interval)?;
+        at("safety_sweep_interval").positive(r.safety_sweep_interval)?;
 
         let h = &self.high_load;
-        in_range("high_load", "enter_rate", h.enter_rate, 1..=10_000_000)?;
+        let at = |key| Setting::at("high_load", key);
+        at("enter_rate").in_range(h.enter_rate, 1..=10_000_000)?;
         if h.exit_rate >= h.enter_rate {
-            return Err(invalid(
-                "high_load",
-                "exit_rate",
+            return Err(at("exit_rate").invalid(
                 h.exit_rate,
                 format!(
                     "must be below high_load.enter_rate ({}), or the mode would flap",
@@ -479,123 +282,57 @@ impl Config {
             ));
         }
         if h.lease < Duration::from_secs(2) {
-            return Err(invalid(
-                "high_load",
-                "lease",
+            return Err(at("lease").invalid(
                 show(h.lease),
                 "must be at least 2s (drain mode is renewed every second)",
             ));
         }
         if h.poll_interval < Duration::from_millis(1) || h.poll_interval > Duration::from_secs(1) {
-            return Err(invalid(
-                "high_load",
-                "poll_interval",
-                show(h.poll_interval),
-                "must be between 1ms and 1s",
-            ));
+            return Err(
+                at("poll_interval").invalid(show(h.poll_interval), "must be between 1ms and 1s")
+            );
         }
 
         let t = &self.retry;
-        in_range("retry", "max_attempts", t.max_attempts, 1..=1000)?;
-        positive("retry", "base_delay", t.base_delay)?;
+        let at = |key| Setting::at("retry", key);
+        at("max_attempts").in_range(t.max_attempts, 1..=1000)?;
+        at("base_delay").positive(t.base_delay)?;
         if t.max_delay < t.base_delay {
-            return Err(invalid(
-                "retry",
-                "max_delay",
-                show(t.max_delay),
-                "must not be below retry.base_delay",
-            ));
+            return Err(
+                at("max_delay").invalid(show(t.max_delay), "must not be below retry.base_delay")
+            );
         }
-
-        let q = &self.rabbitmq;
-        if !(q.url.starts_with("amqp://") || q.url.starts_with("amqps://")) {
-            return Err(invalid(
-                "rabbitmq",
-                "url",
-                redact(&q.url),
-                "must start with amqp:// or amqps://",
-            ));
-        }
-        if q.exchange.len() > 255 {
-            return Err(invalid(
-                "rabbitmq",
-                "exchange",
-                &q.exchange,
-                "is longer than 255 bytes",
-            ));
-        }
-        if !["topic", "direct", "fanout", "headers"].contains(&q.exchange_type.as_str()) {
-            return Err(invalid(
-                "rabbitmq",
-                "exchange_type",
-                &q.exchange_type,
-                "must be one of topic, direct, fanout, headers",
-            ));
-        }
-        if q.declare_exchange && q.exchange.is_empty() {
-            return Err(invalid(
-                "rabbitmq",
-                "declare_exchange",
-                true,
-                "the default exchange (empty name) cannot be declared; set declare_exchange = false",
-            ));
-        }
-        crate::sink::rabbitmq::RoutingKeyTemplate::parse(&q.routing_key)
-            .map_err(|e| invalid("rabbitmq", "routing_key", &q.routing_key, e))?;
-        positive("rabbitmq", "confirm_timeout", q.confirm_timeout)?;
-        in_range(
-            "rabbitmq",
-            "max_payload_bytes",
-            q.max_payload_bytes,
-            1..=536_870_912,
-        )?;
-        if !q.ca_file.is_empty() && !std::path::Path::new(&q.ca_file).is_file() {
-            return Err(invalid(
-                "rabbitmq",
-                "ca_file",
-                &q.ca_file,
-                "is not a readable file",
-            ));
-        }
-        backoff_bounds("rabbitmq", q.reconnect_min_delay, q.reconnect_max_delay)?;
 
         let p = &self.partitions;
-        in_range("partitions", "days_ahead", p.days_ahead, 1..=365)?;
-        positive("partitions", "check_interval", p.check_interval)?;
+        let at = |key| Setting::at("partitions", key);
+        at("days_ahead").in_range(p.days_ahead, 1..=365)?;
+        at("check_interval").positive(p.check_interval)?;
 
         let h = &self.http;
-        positive("http", "gauge_refresh_interval", h.gauge_refresh_interval)?;
+        let at = |key| Setting::at("http", key);
+        at("gauge_refresh_interval").positive(h.gauge_refresh_interval)?;
         if !h.admin_token.expose().is_empty() && h.admin_token.expose().len() < 16 {
-            return Err(invalid(
-                "http",
-                "admin_token",
+            return Err(at("admin_token").invalid(
                 "***",
                 "is shorter than 16 characters; use a long random token (e.g. openssl rand -hex 32)",
             ));
         }
         if !h.listen.is_empty() && h.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid(
-                "http",
-                "listen",
+            return Err(at("listen").invalid(
                 &h.listen,
                 "is not an address like 127.0.0.1:9187 (empty turns the HTTP listener off)",
             ));
         }
 
-        for (name, webhook) in &self.webhooks {
-            validate_webhook(name, webhook)?;
+        for destination in self.destinations() {
+            destination.validate()?;
         }
         let router = self
             .router()
-            .map_err(|e| invalid("routing", "routes", "...", e))?;
+            .map_err(|e| Setting::at("routing", "routes").invalid("...", e))?;
+        let defined = crate::sink::defined(&self.destinations());
         for destination in router.destinations() {
-            let known = destination == crate::routing::DEFAULT_DESTINATION
-                || destination
-                    .strip_prefix("webhook:")
-                    .is_some_and(|name| self.webhooks.contains_key(name));
-            if !known {
-                let mut defined = vec!["rabbitmq".to_string()];
-                defined.extend(self.webhooks.keys().map(|n| format!("webhook:{n}")));
+            if !defined.contains(&destination) {
                 return Err(ConfigError::Invalid {
                     key: "routing.routes".into(),
                     value: destination,
@@ -607,6 +344,11 @@ impl Config {
         Ok(())
     }
 
+    /// Every destination's config. A new destination is one more entry here.
+    pub fn destinations(&self) -> [&dyn DestinationConfig; 2] {
+        [&self.rabbitmq, &self.webhooks]
+    }
+
     /// The routing table of this config.
     pub fn router(&self) -> Result<Router, String> {
         let rules: Vec<(Vec<String>, Vec<String>)> = self
@@ -616,167 +358,6 @@ impl Config {
             .map(|r| (r.event_types.clone(), r.destinations.clone()))
             .collect();
         Router::new(&rules, self.routing.unrouted)
-    }
-}
-
-fn validate_webhook(name: &str, webhook: &WebhookConfig) -> Result<(), ConfigError> {
-    let bad = |key: &str, value: String, problem: String| ConfigError::Invalid {
-        key: format!("webhooks.{name}.{key}"),
-        value,
-        problem,
-        fix: format!(
-            "set `{key}` under [webhooks.{name}] in outboxd.toml or the environment variable {}",
-            webhook_env_name(name, key)
-        ),
-    };
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
-    {
-        return Err(bad(
-            "url",
-            name.to_string(),
-            "a webhook name may hold only a-z, 0-9, '_' and '-'".into(),
-        ));
-    }
-    crate::sink::webhook::check_url(&webhook.url)
-        .map_err(|problem| bad("url", webhook.url.clone(), problem))?;
-    if webhook.secrets.is_empty() {
-        return Err(bad(
-            "secrets",
-            "[]".into(),
-            "needs at least one Standard Webhooks secret (whsec_<base64>) to sign with".into(),
-        ));
-    }
-    for secret in &webhook.secrets {
-        crate::sink::webhook::decode_secret(secret.expose())
-            .map_err(|problem| bad("secrets", "***".into(), problem))?;
-    }
-    if webhook.timeout.is_zero() {
-        return Err(bad(
-            "timeout",
-            show(webhook.timeout),
-            "must be greater than zero".into(),
-        ));
-    }
-    if !(1..=1024).contains(&webhook.max_in_flight) {
-        return Err(bad(
-            "max_in_flight",
-            webhook.max_in_flight.to_string(),
-            "must be between 1 and 1024".into(),
-        ));
-    }
-    if webhook.failures_to_open == 0 {
-        return Err(bad(
-            "failures_to_open",
-            "0".into(),
-            "must be at least 1".into(),
-        ));
-    }
-    if webhook.cool_down.is_zero() {
-        return Err(bad(
-            "cool_down",
-            show(webhook.cool_down),
-            "must be greater than zero".into(),
-        ));
-    }
-    for (header, value) in &webhook.headers {
-        crate::sink::webhook::check_header(header, value)
-            .map_err(|problem| bad("headers", header.clone(), problem))?;
-    }
-    Ok(())
-}
-
-/// The environment variable that overrides `key` of webhook `name`.
-pub fn webhook_env_name(name: &str, key: &str) -> String {
-    format!(
-        "OUTBOXD_WEBHOOK_{}_{}",
-        name.to_uppercase().replace('-', "_"),
-        key.to_uppercase()
-    )
-}
-
-fn in_range<T>(
-    section: &str,
-    key: &str,
-    value: T,
-    range: std::ops::RangeInclusive<T>,
-) -> Result<(), ConfigError>
-where
-    T: PartialOrd + std::fmt::Display,
-{
-    if range.contains(&value) {
-        return Ok(());
-    }
-    let problem = format!("must be between {} and {}", range.start(), range.end());
-    Err(invalid(section, key, value, problem))
-}
-
-/// `reconnect_min_delay` must be positive and not above `reconnect_max_delay`.
-fn backoff_bounds(section: &str, min: Duration, max: Duration) -> Result<(), ConfigError> {
-    positive(section, "reconnect_min_delay", min)?;
-    if max < min {
-        return Err(invalid(
-            section,
-            "reconnect_max_delay",
-            show(max),
-            format!("must not be below {section}.reconnect_min_delay"),
-        ));
-    }
-    Ok(())
-}
-
-fn positive(section: &str, key: &str, value: Duration) -> Result<(), ConfigError> {
-    if value.is_zero() {
-        return Err(invalid(
-            section,
-            key,
-            show(value),
-            "must be greater than zero (e.g. \"500ms\", \"30s\", \"5m\")",
-        ));
-    }
-    Ok(())
-}
-
-fn show(d: Duration) -> String {
-    duration_text::format(d)
-}
-
-/// Hides the password of a connection URL (`scheme://user:secret@host` becomes
-/// `scheme://user:***@host`), so it can be logged or printed.
-pub fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        // key=value form: hide password=...
-        return url
-            .split_whitespace()
-            .map(|part| {
-                if part.starts_with("password=") {
-                    "password=***"
-                } else {
-                    part
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" ");
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
-        Some(at) => {
-            let userinfo = &authority[..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}://{}:***{}",
-                    &url[..scheme_end],
-                    &userinfo[..colon],
-                    &rest[at..]
-                ),
-                None => url.to_string(),
-            }
-        }
-        None => url.to_string(),
     }
 }
 
@@ -847,7 +428,10 @@ fn apply_env(
             section_mut(table, section).insert(key.clone(), value);
         }
     }
-    apply_webhook_env(table, &env, &mut known)?;
+    known.extend(crate::sink::webhook::config::apply_env(
+        section_mut(table, "webhooks"),
+        &env,
+    )?);
     for (name, _) in &env {
         if name.starts_with("OUTBOXD_") && !known.contains(name) {
             warnings.push(format!(
@@ -882,69 +466,6 @@ fn parse_routes(raw: &str) -> Result<toml::Value, String> {
     Ok(toml::Value::Array(routes))
 }
 
-/// `OUTBOXD_WEBHOOK_<NAME>_<KEY>` defines or overrides webhook `name` (lowercased):
-/// `URL`, `SECRET`/`SECRETS` (several separated by spaces or commas), `TIMEOUT`,
-/// `MAX_IN_FLIGHT`, `FAILURES_TO_OPEN`, `COOL_DOWN`.
-fn apply_webhook_env(
-    table: &mut toml::Table,
-    env: &[(String, String)],
-    known: &mut Vec<String>,
-) -> Result<(), ConfigError> {
-    const KEYS: [&str; 7] = [
-        "_MAX_IN_FLIGHT",
-        "_FAILURES_TO_OPEN",
-        "_COOL_DOWN",
-        "_SECRETS",
-        "_SECRET",
-        "_TIMEOUT",
-        "_URL",
-    ];
-    for (name, raw) in env {
-        let Some(rest) = name.strip_prefix("OUTBOXD_WEBHOOK_") else {
-            continue;
-        };
-        let Some(suffix) = KEYS.iter().find(|k| rest.ends_with(*k)) else {
-            continue;
-        };
-        let webhook = rest[..rest.len() - suffix.len()].to_lowercase();
-        if webhook.is_empty() {
-            continue;
-        }
-        known.push(name.clone());
-        let key = suffix[1..].to_lowercase();
-        let value = match key.as_str() {
-            "secret" | "secrets" => toml::Value::Array(
-                raw.split([' ', ','])
-                    .filter(|s| !s.is_empty())
-                    .map(|s| toml::Value::String(s.to_string()))
-                    .collect(),
-            ),
-            "max_in_flight" | "failures_to_open" => {
-                toml::Value::Integer(raw.trim().parse().map_err(|_| ConfigError::Invalid {
-                    key: format!("webhooks.{webhook}.{key}"),
-                    value: raw.clone(),
-                    problem: "is not a whole number".into(),
-                    fix: format!("set {name} to a whole number"),
-                })?)
-            }
-            _ => toml::Value::String(raw.clone()),
-        };
-        let key = if key == "secret" {
-            "secrets".to_string()
-        } else {
-            key
-        };
-        let webhooks = section_mut(table, "webhooks");
-        let entry = webhooks
-            .entry(webhook)
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        if let Some(entry) = entry.as_table_mut() {
-            entry.insert(key, value);
-        }
-    }
-    Ok(())
-}
-
 fn section_mut<'a>(table: &'a mut toml::Table, section: &str) -> &'a mut toml::Table {
     let entry = table
         .entry(section.to_string())
@@ -953,63 +474,6 @@ fn section_mut<'a>(table: &'a mut toml::Table, section: &str) -> &'a mut toml::T
         *entry = toml::Value::Table(toml::Table::new());
     }
     entry.as_table_mut().expect("just made a table")
-}
-
-/// Durations as text: `"250ms"`, `"30s"`, `"5m"`, `"1h"`, `"1d"`.
-pub mod duration_text {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn parse(text: &str) -> Result<Duration, String> {
-        let text = text.trim();
-        let split = text
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| {
-                format!("{text:?} has no unit: write it like \"500ms\", \"30s\", \"5m\", \"1h\"")
-            })?;
-        let (number, unit) = text.split_at(split);
-        let number: f64 = number.parse().map_err(|_| {
-            format!("{text:?} is not a duration: write it like \"500ms\", \"30s\", \"5m\", \"1h\"")
-        })?;
-        let seconds = match unit.trim() {
-            "ms" => number / 1000.0,
-            "s" => number,
-            "m" | "min" => number * 60.0,
-            "h" => number * 3600.0,
-            "d" => number * 86400.0,
-            other => {
-                return Err(format!(
-                    "{text:?} has an unknown unit {other:?}: use ms, s, m, h or d"
-                ));
-            }
-        };
-        if !seconds.is_finite() || seconds > 10.0 * 365.0 * 86400.0 {
-            return Err(format!("{text:?} is too long"));
-        }
-        Ok(Duration::from_secs_f64(seconds))
-    }
-
-    pub fn format(d: Duration) -> String {
-        let ms = d.as_millis();
-        if !ms.is_multiple_of(1000) {
-            format!("{ms}ms")
-        } else if ms.is_multiple_of(3_600_000) && ms > 0 {
-            format!("{}h", ms / 3_600_000)
-        } else if ms.is_multiple_of(60_000) && ms > 0 {
-            format!("{}m", ms / 60_000)
-        } else {
-            format!("{}s", ms / 1000)
-        }
-    }
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format(*d))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        parse(&text).map_err(serde::de::Error::custom)
-    }
 }
 
 #[cfg(test)]
@@ -1092,48 +556,6 @@ mod tests {
         let (_, warnings) = Config::load(None, env(&[("OUTBOXD_RELAY_BATCHSIZE", "5")])).unwrap();
         assert_eq!(warnings.len(), 1);
         assert!(warnings[0].contains("OUTBOXD_RELAY_BATCHSIZE"));
-    }
-
-    #[test]
-    fn durations_parse_and_format() {
-        assert_eq!(
-            duration_text::parse("250ms").unwrap(),
-            Duration::from_millis(250)
-        );
-        assert_eq!(
-            duration_text::parse("1.5s").unwrap(),
-            Duration::from_millis(1500)
-        );
-        assert_eq!(
-            duration_text::parse("5m").unwrap(),
-            Duration::from_secs(300)
-        );
-        assert_eq!(
-            duration_text::parse("1h").unwrap(),
-            Duration::from_secs(3600)
-        );
-        assert!(duration_text::parse("30").is_err());
-        assert!(duration_text::parse("").is_err());
-        assert_eq!(duration_text::format(Duration::from_millis(250)), "250ms");
-        assert_eq!(duration_text::format(Duration::from_secs(300)), "5m");
-        assert_eq!(duration_text::format(Duration::from_secs(30)), "30s");
-    }
-
-    #[test]
-    fn redact_hides_passwords() {
-        assert_eq!(
-            redact("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(
-            redact("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            "amqp://guest:***@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(
-            redact("host=h password=x user=u"),
-            "host=h password=*** user=u"
-        );
     }
 
     #[test]
@@ -1235,17 +657,10 @@ headers = { "x-env" = "test" }
     }
 
     mod properties {
-        use super::super::{Config, duration_text};
+        use super::super::Config;
         use proptest::prelude::*;
-        use std::time::Duration;
 
         proptest! {
-            #[test]
-            fn durations_round_trip(ms in 1u64..100_000_000) {
-                let d = Duration::from_millis(ms);
-                prop_assert_eq!(duration_text::parse(&duration_text::format(d)).unwrap(), d);
-            }
-
             #[test]
             fn batch_sizes_are_accepted_or_refused_with_the_key(value in "[-0-9a-z ]{0,8}") {
                 let env = vec![("OUTBOXD_RELAY_BATCH_SIZE".to_string(), value.clone())];
@@ -1255,10 +670,7 @@ headers = { "x-env" = "test" }
                 }
             }
 
-            #[test]
-            fn any_duration_text_parses_or_is_refused_without_panicking(text in ".{0,16}") {
-                let _ = duration_text::parse(&text);
-            }
+
         }
     }
 }

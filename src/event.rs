@@ -42,6 +42,7 @@ pub enum Outcome {
     Retry {
         reason: String,
         not_before: Option<Duration>,
+        fault: Fault,
     },
     /// Failed for good: the event goes to DEAD_LETTER now.
     Rejected { reason: String },
@@ -51,4 +52,37 @@ pub enum Outcome {
         reason: String,
         not_before: Duration,
     },
+}
+
+/// Whose failure a `Retry` is. The circuit around a destination counts only the
+/// destination's own failures: one event that cannot be routed must not hold up the
+/// others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The destination is down, overloaded or too slow (a 5xx, a timeout, a lost
+    /// connection, a confirm that never came).
+    Destination,
+    /// The destination answered, about this event alone (a mandatory return, a nack).
+    Event,
+}
+
+impl Outcome {
+    /// Retry later: the destination failed (counts toward its circuit).
+    pub fn destination_failed(reason: impl Into<String>) -> Outcome {
+        Outcome::Retry {
+            reason: reason.into(),
+            not_before: None,
+            fault: Fault::Destination,
+        }
+    }
+
+    /// Retry later: the destination answered, but not with an acknowledgement, about
+    /// this event alone.
+    pub fn event_failed(reason: impl Into<String>) -> Outcome {
+        Outcome::Retry {
+            reason: reason.into(),
+            not_before: None,
+            fault: Fault::Event,
+        }
+    }
 }

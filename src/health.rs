@@ -1,8 +1,9 @@
 //! Readiness: the database answers (the last gauge refresh succeeded recently), the
-//! listener is connected, and every destination is reachable (its circuit is closed).
-//! Judged from what the loops already do, so a readiness probe sends no query.
+//! listener is connected, and every destination says it is available (its circuit is
+//! closed). Judged from what the loops already do, so a readiness probe sends no query.
 
 use crate::metrics::Metrics;
+use crate::sink::Sink;
 use serde::Serialize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,13 +20,13 @@ pub struct Down {
 pub struct Health {
     database: Arc<Mutex<Result<Instant, String>>>,
     stale_after: Duration,
-    destinations: Arc<Vec<String>>,
+    destinations: Arc<Vec<Arc<dyn Sink>>>,
 }
 
 impl Health {
     /// `refresh_every`: how often the database is checked; `destinations`: every
     /// destination this instance delivers to.
-    pub fn new(refresh_every: Duration, destinations: Vec<String>) -> Health {
+    pub fn new(refresh_every: Duration, destinations: Vec<Arc<dyn Sink>>) -> Health {
         Health {
             database: Arc::new(Mutex::new(Err("not checked yet".into()))),
             stale_after: refresh_every * 2 + Duration::from_secs(5),
@@ -62,15 +63,10 @@ impl Health {
             });
         }
         for destination in self.destinations.iter() {
-            let open = metrics
-                .destination_circuit_open
-                .with_label_values(&[destination])
-                .get();
-            if open != 0 {
+            if let Err(reason) = destination.available() {
                 down.push(Down {
-                    part: destination.clone(),
-                    reason: "unreachable or failing: its circuit is open and its events wait"
-                        .into(),
+                    part: destination.name().to_string(),
+                    reason,
                 });
             }
         }

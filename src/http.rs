@@ -4,10 +4,10 @@
 //! down), and the dead-letter API, which needs `Authorization: Bearer <http.admin_token>`.
 
 use crate::config::Secret;
+use crate::dead_letters::{self, DeadLetterError, ListRequest};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::store::Store;
-use crate::store::operations::{DeadLetterFilter, RedriveError};
 use axum::extract::{Path, Query, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::{HeaderMap, StatusCode};
@@ -131,16 +131,15 @@ struct ListQuery {
     limit: Option<i64>,
 }
 
-fn parse_time(name: &str, text: Option<&str>) -> Result<Option<std::time::SystemTime>, Refusal> {
-    text.map(|t| {
-        humantime::parse_rfc3339_weak(t).map_err(|_| {
-            Refusal(
-                StatusCode::BAD_REQUEST,
-                format!("{name}={t:?} is not a time like 2026-11-24T16:00:00Z"),
-            )
-        })
-    })
-    .transpose()
+impl IntoResponse for DeadLetterError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            DeadLetterError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            DeadLetterError::NotFound(_) => StatusCode::NOT_FOUND,
+            DeadLetterError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        problem(status, self.to_string())
+    }
 }
 
 async fn list_dead_letters(
@@ -151,27 +150,16 @@ async fn list_dead_letters(
     if let Err(refused) = authorize(&headers, &state.admin_token) {
         return refused.into_response();
     }
-    let filter = match (
-        parse_time("since", query.since.as_deref()),
-        parse_time("until", query.until.as_deref()),
-    ) {
-        (Ok(since), Ok(until)) => DeadLetterFilter {
-            event_type: query.event_type,
-            since,
-            until,
-            before_id: query.before_id,
-            limit: query.limit.unwrap_or(50),
-        },
-        (Err(bad), _) | (_, Err(bad)) => return bad.into_response(),
+    let request = ListRequest {
+        event_type: query.event_type,
+        since: query.since,
+        until: query.until,
+        before_id: query.before_id,
+        limit: query.limit,
     };
-    match state.store.list_dead_letters(&filter).await {
-        Ok(items) => {
-            let next = (items.len() as i64 >= filter.limit.clamp(1, 1000))
-                .then(|| items.last().map(|d| d.id))
-                .flatten();
-            Json(json!({ "items": items, "next_before_id": next })).into_response()
-        }
-        Err(error) => problem(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+    match dead_letters::list(&state.store, &request).await {
+        Ok(page) => Json(page).into_response(),
+        Err(error) => error.into_response(),
     }
 }
 
@@ -183,10 +171,9 @@ async fn show_event(
     if let Err(refused) = authorize(&headers, &state.admin_token) {
         return refused.into_response();
     }
-    match state.store.show_event(id).await {
-        Ok(Some(event)) => Json(event).into_response(),
-        Ok(None) => problem(StatusCode::NOT_FOUND, format!("no event with id {id}")),
-        Err(error) => problem(StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+    match dead_letters::show(&state.store, id).await {
+        Ok(event) => Json(event).into_response(),
+        Err(error) => error.into_response(),
     }
 }
 
@@ -219,23 +206,8 @@ async fn redrive(
         }
     };
     let by = request.by.unwrap_or_else(|| "api".into());
-    match state
-        .store
-        .redrive(&request.ids, &request.reason, &by)
-        .await
-    {
-        Ok(redriven) => {
-            let skipped: Vec<i64> = request
-                .ids
-                .iter()
-                .copied()
-                .filter(|id| !redriven.contains(id))
-                .collect();
-            Json(json!({ "redriven": redriven, "not_dead_letters": skipped })).into_response()
-        }
-        Err(RedriveError::Store(error)) => {
-            problem(StatusCode::SERVICE_UNAVAILABLE, error.to_string())
-        }
-        Err(refused) => problem(StatusCode::BAD_REQUEST, refused.to_string()),
+    match dead_letters::redrive(&state.store, &request.ids, &request.reason, &by).await {
+        Ok(done) => Json(done).into_response(),
+        Err(error) => error.into_response(),
     }
 }

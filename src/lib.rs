@@ -6,6 +6,8 @@
 
 pub mod cli;
 pub mod config;
+pub mod dead_letters;
+pub mod duration_text;
 pub mod event;
 pub mod health;
 pub mod high_load;
@@ -18,10 +20,11 @@ pub mod producer;
 pub mod relay;
 pub mod retry;
 pub mod routing;
+pub mod secret;
 pub mod service;
 pub mod sink;
 pub mod store;
-pub mod tls;
+pub mod validate;
 
 pub use config::Config;
 pub use event::{Event, Outcome};

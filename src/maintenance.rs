@@ -2,8 +2,8 @@
 //! invariant 7) and the partition keeper (daily partitions days ahead, DEFAULT watched).
 
 use crate::health::Health;
-use crate::listener::Wake;
 use crate::metrics::Metrics;
+use crate::relay::Wake;
 use crate::store::operations::Gauges;
 use crate::store::partitions::PartitionReport;
 use crate::store::{Reaped, Store, StoreError};
@@ -55,7 +55,7 @@ impl Reaper {
             );
         }
         if !reaped.returned.is_empty() {
-            let _ = self.wakes.send(Wake::Ids(reaped.returned.clone()));
+            let _ = self.wakes.send(Wake::Reaped(reaped.returned.clone()));
         }
         Ok(reaped)
     }

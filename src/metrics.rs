@@ -2,28 +2,11 @@
 //! and the latency histogram are per instance; gauges computed from the database are true
 //! across instances.
 
+use crate::relay::Sweep;
 use prometheus::{
     Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
-
-/// Which sweep found an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SweepKind {
-    /// After the listener (re)connected: events committed while nobody listened.
-    Reconnect,
-    /// The low-frequency safety net: events no notification delivered.
-    Safety,
-}
-
-impl SweepKind {
-    pub fn label(self) -> &'static str {
-        match self {
-            SweepKind::Reconnect => "reconnect",
-            SweepKind::Safety => "safety",
-        }
-    }
-}
 
 /// The `kind` label of `outbox_delivery_failures_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,8 +217,8 @@ impl Metrics {
             &mut names,
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         );
-        for kind in [SweepKind::Reconnect, SweepKind::Safety] {
-            sweep_recovered.with_label_values(&[kind.label()]);
+        for sweep in Sweep::COUNTED {
+            sweep_recovered.with_label_values(&[sweep.label()]);
         }
         for to in ["drain", "notify"] {
             high_load_switches.with_label_values(&[to]);
@@ -293,10 +276,10 @@ impl Metrics {
             .inc();
     }
 
-    /// Events recovered by `kind` of sweep so far.
-    pub fn recovered(&self, kind: SweepKind) -> u64 {
+    /// Events a counted sweep (`Sweep::COUNTED`) recovered so far.
+    pub fn recovered(&self, sweep: Sweep) -> u64 {
         self.sweep_recovered
-            .with_label_values(&[kind.label()])
+            .with_label_values(&[sweep.label()])
             .get()
     }
 

@@ -1,6 +1,9 @@
-//! Retry policy: how long an event waits after a failed attempt. A pure function of the
-//! attempt count and a jitter value passed in, so the persisted schedule can be tested
-//! without a clock or a random source.
+//! Backoff, the one schedule outboxd waits by. How long an event waits after a failed
+//! attempt is a pure function of the attempt count and a jitter value passed in
+//! ([`backoff_delay`]), so the persisted schedule is tested without a clock or a random
+//! source. Loops that try again in process (the listener's reconnects, a failed claim, an
+//! outcome write while the database is away, a partition ATTACH that waited for a lock)
+//! use the same schedule through [`Backoff`] and [`retry_transient`].
 
 use std::time::Duration;
 
@@ -31,6 +34,71 @@ pub fn next_attempt_delay(
 /// A jitter value from the thread's random source.
 pub fn random_jitter() -> f64 {
     rand::random::<f64>()
+}
+
+/// A run of failures of one in-process loop: each failure in a row waits longer
+/// ([`backoff_delay`] with random jitter), a success starts over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    failures: i32,
+}
+
+impl Backoff {
+    /// The first failure waits between `min / 2` and `min`; the wait doubles up to `max`.
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max,
+            failures: 0,
+        }
+    }
+
+    /// One more failure in a row: how long to wait before trying again.
+    pub fn failed(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        backoff_delay(self.failures, self.min, self.max, random_jitter())
+    }
+
+    /// A success: the next failure waits the shortest time again.
+    pub fn succeeded(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Failures in a row so far.
+    pub fn failures(&self) -> i32 {
+        self.failures
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails in a way `transient` says will not pass, or
+/// has failed `tries` times in all, waiting `backoff` between tries. `on_retry` hears of
+/// each failure that is tried again, with the wait.
+pub async fn retry_transient<T, E, F, Fut>(
+    tries: u32,
+    mut backoff: Backoff,
+    transient: impl Fn(&E) -> bool,
+    mut on_retry: impl FnMut(&E, Duration),
+    mut attempt: F,
+) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut tried = 0;
+    loop {
+        tried += 1;
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(error) if tried < tries && transient(&error) => {
+                let wait = backoff.failed();
+                on_retry(&error, wait);
+                tokio::time::sleep(wait).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -89,6 +157,69 @@ mod tests {
             next_attempt_delay(b, Some(Duration::from_secs(900)), MAX),
             MAX
         );
+    }
+
+    #[test]
+    fn a_run_of_failures_waits_longer_and_a_success_starts_over() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let first = backoff.failed();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        let second = backoff.failed();
+        assert!(second >= Duration::from_millis(100) && second <= Duration::from_millis(200));
+        for _ in 0..20 {
+            assert!(backoff.failed() <= Duration::from_secs(1));
+        }
+        assert_eq!(backoff.failures(), 22);
+        backoff.succeeded();
+        assert!(backoff.failed() <= Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn only_transient_failures_are_tried_again_and_only_so_often() {
+        let quick = || Backoff::new(Duration::from_millis(1), Duration::from_millis(2));
+        let mut calls = 0;
+        let mut heard = 0;
+        let result: Result<(), &str> = retry_transient(
+            3,
+            quick(),
+            |_| true,
+            |_, _| heard += 1,
+            || {
+                calls += 1;
+                async { Err("down") }
+            },
+        )
+        .await;
+        assert_eq!((result, calls, heard), (Err("down"), 3, 2));
+
+        let mut calls = 0;
+        let result: Result<(), &str> = retry_transient(
+            3,
+            quick(),
+            |e| *e != "refused",
+            |_, _| {},
+            || {
+                calls += 1;
+                async { Err("refused") }
+            },
+        )
+        .await;
+        assert_eq!((result, calls), (Err("refused"), 1));
+
+        let mut calls = 0;
+        let result = retry_transient(
+            5,
+            quick(),
+            |_: &&str| true,
+            |_, _| {},
+            || {
+                calls += 1;
+                let n = calls;
+                async move { if n == 2 { Ok(n) } else { Err("down") } }
+            },
+        )
+        .await;
+        assert_eq!(result, Ok(2));
     }
 
     mod properties {

@@ -9,12 +9,8 @@ use crate::listener::Listener;
 use crate::maintenance::{GaugeRefresher, PartitionKeeper, Reaper};
 use crate::metrics::Metrics;
 use crate::relay::Relay;
-use crate::sink::Sink;
-use crate::sink::rabbitmq::{self, RabbitMqSink};
-use crate::sink::webhook::WebhookSink;
 use crate::store::{Store, StoreError};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -46,7 +42,7 @@ impl Outboxd {
     pub async fn start(config: Config) -> Result<Outboxd, StartError> {
         config.validate()?;
         let metrics = Metrics::new();
-        let store = Store::connect(&config).await?;
+        let store = Store::connect(&config.database).await?;
         let http = if config.http.listen.is_empty() {
             None
         } else {
@@ -67,30 +63,10 @@ impl Outboxd {
             tracing::error!(%error, "partition upkeep failed at start; producers' rows go to outbox_default meanwhile");
         }
         let router = config.router().map_err(StartError::Destination)?;
-        let routed = router.destinations();
-        let mut destinations: Vec<Arc<dyn Sink>> = Vec::new();
-        let rabbitmq = if routed.iter().any(|d| d == rabbitmq::DESTINATION) {
-            let sink = Arc::new(
-                RabbitMqSink::new(config.rabbitmq.clone(), metrics.clone())
-                    .map_err(StartError::Destination)?,
-            );
-            destinations.push(sink.clone());
-            Some(sink)
-        } else {
-            None
-        };
-        for (name, webhook) in &config.webhooks {
-            let sink = WebhookSink::new(name, webhook, metrics.clone())
-                .map_err(|e| StartError::Destination(format!("webhook {name}: {e}")))?;
-            destinations.push(Arc::new(sink));
-        }
-        for destination in &destinations {
-            metrics.add_destination(destination.name());
-        }
-        let health = Health::new(
-            config.http.gauge_refresh_interval,
-            destinations.iter().map(|d| d.name().to_string()).collect(),
-        );
+        let destinations =
+            crate::sink::build(&config.destinations(), &router.destinations(), &metrics)
+                .map_err(StartError::Destination)?;
+        let health = Health::new(config.http.gauge_refresh_interval, destinations.clone());
         let gauges = GaugeRefresher::new(
             store.clone(),
             config.http.gauge_refresh_interval,
@@ -104,15 +80,16 @@ impl Outboxd {
         let shutdown = CancellationToken::new();
         let (wakes_tx, wakes_rx) = mpsc::unbounded_channel();
         let mut tasks = JoinSet::new();
-        // Connect to the broker now, so a wrong URL is reported at start, without
-        // holding the start up while it is unreachable.
-        if let Some(rabbitmq) = rabbitmq {
+        // Connect to each destination now, so a wrong address is reported at start,
+        // without holding the start up while one is unreachable.
+        for destination in &destinations {
+            let destination = destination.clone();
             let checking = shutdown.clone();
             tasks.spawn(async move {
                 tokio::select! {
                     _ = checking.cancelled() => {}
-                    checked = rabbitmq.check() => if let Err(error) = checked {
-                        tracing::error!(%error, "RabbitMQ is not reachable at start; events wait in PENDING until it is");
+                    checked = destination.connect() => if let Err(error) = checked {
+                        tracing::error!(destination = destination.name(), %error, "destination not reachable at start; its events wait in PENDING until it is");
                     }
                 }
             });

@@ -6,7 +6,7 @@
 mod support;
 
 use outboxd::config::{RouteConfig, WebhookConfig};
-use outboxd::metrics::SweepKind;
+use outboxd::relay::Sweep;
 use outboxd::{NewEvent, enqueue};
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -203,7 +203,7 @@ async fn metrics_pass_promtool_and_counters_move_by_the_right_amounts() {
         published == DELIVERED as u64
             && metrics.published.with_label_values(&["webhook:hook"]).get() == 2
             && deferred > 0
-            && metrics.recovered(SweepKind::Safety) == 1
+            && metrics.recovered(Sweep::Safety) == 1
             && metrics.events_dead_letter.get() == 2
     })
     .await;
@@ -436,7 +436,9 @@ async fn every_known_series_is_exported_at_zero_before_anything_happens() {
         );
     }
     for sweep in ["reconnect", "safety"] {
-        s(&format!("outbox_sweep_recovered_total{{sweep=\"{sweep}\"}}"));
+        s(&format!(
+            "outbox_sweep_recovered_total{{sweep=\"{sweep}\"}}"
+        ));
     }
     for to in ["drain", "notify"] {
         assert_eq!(

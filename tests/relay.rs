@@ -6,7 +6,7 @@
 
 mod support;
 
-use outboxd::metrics::SweepKind;
+use outboxd::relay::Sweep;
 use outboxd::store::{BuryItem, CompleteItem, RetryItem};
 use outboxd::{NewEvent, enqueue, enqueue_many};
 use serde_json::json;
@@ -103,7 +103,7 @@ async fn committed_event_is_consumed_once_and_rolled_back_event_never() {
         .unwrap()
         .get(0);
     assert_eq!(delivered_to, vec!["rabbitmq".to_string()]);
-    assert_eq!(service.metrics().recovered(SweepKind::Safety), 0);
+    assert_eq!(service.metrics().recovered(Sweep::Safety), 0);
 
     let (status, metrics) = support::http_get(service.http_addr().unwrap(), "/metrics").await;
     assert_eq!(status, 200);
@@ -219,7 +219,7 @@ async fn ten_thousand_events_from_eight_producers_all_arrive_by_push_alone() {
     assert!(db.wait_settled(Duration::from_secs(10)).await);
     assert_eq!(db.count("PUBLISHED").await, inserted.len() as i64);
     assert_eq!(
-        service.metrics().recovered(SweepKind::Safety),
+        service.metrics().recovered(Sweep::Safety),
         0,
         "the push path alone delivered"
     );
@@ -233,7 +233,7 @@ async fn no_event_lost_when_listener_reconnects() {
     let broker = TestBroker::new(Some("#")).await;
     let service = start(config(&db, &broker)).await;
     let metrics = service.metrics().clone();
-    let reconnect_before = metrics.recovered(SweepKind::Reconnect);
+    let reconnect_before = metrics.recovered(Sweep::Reconnect);
     // Opened before the database refuses new connections.
     let producer = db.client().await;
     let killed = db.cut_listener().await;
@@ -265,10 +265,10 @@ async fn no_event_lost_when_listener_reconnects() {
     assert_eq!(consumed, inserted);
     assert_eq!(metrics.listener_connected.get(), 1);
     assert_eq!(
-        metrics.recovered(SweepKind::Reconnect) - reconnect_before,
+        metrics.recovered(Sweep::Reconnect) - reconnect_before,
         K as u64
     );
-    assert_eq!(metrics.recovered(SweepKind::Safety), 0);
+    assert_eq!(metrics.recovered(Sweep::Safety), 0);
     service.stop().await;
 }
 
@@ -521,7 +521,7 @@ async fn one_bulk_insert_sends_one_notification_not_one_per_row() {
         notifications <= 5,
         "{notifications} notifications for one INSERT"
     );
-    assert_eq!(service.metrics().recovered(SweepKind::Safety), 0);
+    assert_eq!(service.metrics().recovered(Sweep::Safety), 0);
     service.stop().await;
 }
 
@@ -604,7 +604,7 @@ async fn safety_sweep_recovers_an_event_whose_notification_was_lost() {
         "no notification was sent"
     );
     assert_eq!(
-        service.metrics().recovered(SweepKind::Safety),
+        service.metrics().recovered(Sweep::Safety),
         1,
         "the safety sweep counted it"
     );
@@ -657,7 +657,7 @@ async fn retries_of_events_failing_at_different_times_each_fire_on_time() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(service.metrics().recovered(SweepKind::Safety), 0);
+    assert_eq!(service.metrics().recovered(Sweep::Safety), 0);
     service.stop().await;
 }
 
@@ -746,7 +746,7 @@ async fn idle_listener_pings_and_keeps_its_connection() {
     let tracking_id = enqueue(&admin, &order_event(1)).await.unwrap();
     let received = broker.wait_for(1, Duration::from_secs(5)).await;
     assert_eq!(received[0].message_id, tracking_id.to_string());
-    assert_eq!(service.metrics().recovered(SweepKind::Reconnect), 0);
+    assert_eq!(service.metrics().recovered(Sweep::Reconnect), 0);
     service.stop().await;
 }
 

@@ -6,14 +6,18 @@
 //! Lease and due times use the database clock (`now()`), the one clock that every
 //! instance, on whatever host, agrees on.
 
+pub mod connect;
 pub mod high_load;
+pub mod listen;
 pub mod migrate;
 pub mod operations;
 pub mod partitions;
+pub mod tls;
 
-use crate::config::{Config, redact};
+pub use connect::{DatabaseConfig, connect_once, describe_target};
+
 use crate::event::{Claim, Event};
-use crate::tls::parse_url;
+use connect::{Purpose, prepare};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::time::{Duration, SystemTime};
 use uuid::Uuid;
@@ -79,54 +83,6 @@ impl StoreError {
     fn query(statement: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
         move |source| StoreError::Query { statement, source }
     }
-}
-
-/// Describes the database a URL points at, without its password.
-pub fn describe_target(config: &tokio_postgres::Config) -> String {
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        #[cfg(unix)]
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "?".into(),
-    };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    format!(
-        "{host}:{port} (database {:?}, user {:?})",
-        config.get_dbname().unwrap_or(""),
-        config.get_user().unwrap_or("")
-    )
-}
-
-/// Opens a single connection (not pooled) and drives it on a task. For migrations and
-/// one-off commands; the listener has its own connection code.
-pub async fn connect_once(
-    url: &str,
-    connect_timeout: Duration,
-    application_name: &str,
-) -> Result<tokio_postgres::Client, StoreError> {
-    let target = parse_url(url).map_err(|reason| StoreError::BadUrl {
-        url: redact(url),
-        reason,
-    })?;
-    let mut pg = target.config.clone();
-    pg.connect_timeout(connect_timeout);
-    if pg.get_application_name().is_none() {
-        pg.application_name(application_name);
-    }
-    let tls = target.connector().map_err(|reason| StoreError::BadUrl {
-        url: redact(url),
-        reason,
-    })?;
-    let (client, connection) = pg.connect(tls).await.map_err(|e| StoreError::Unreachable {
-        target: describe_target(&pg),
-        reason: error_text(&e),
-    })?;
-    tokio::spawn(async move {
-        if let Err(error) = connection.await {
-            tracing::debug!(%error, "database connection closed");
-        }
-    });
-    Ok(client)
 }
 
 /// The full text of a driver error, including the server's message and hint.
@@ -204,38 +160,28 @@ pub struct Store {
 
 impl Store {
     /// Builds the pool, checks that the database answers and that the schema is there.
-    pub async fn connect(config: &Config) -> Result<Store, StoreError> {
-        let url = &config.database.url;
-        let target = parse_url(url).map_err(|reason| StoreError::BadUrl {
-            url: redact(url),
-            reason,
-        })?;
-        let mut pg = target.config.clone();
-        pg.connect_timeout(config.database.connect_timeout);
-        if pg.get_application_name().is_none() {
-            pg.application_name("outboxd");
-        }
-        pg.keepalives(true)
-            .keepalives_idle(Duration::from_secs(10))
-            .keepalives_interval(Duration::from_secs(5))
-            .keepalives_retries(3);
-        let tls = target.connector().map_err(|reason| StoreError::BadUrl {
-            url: redact(url),
-            reason,
-        })?;
-        let described = describe_target(&pg);
+    pub async fn connect(config: &DatabaseConfig) -> Result<Store, StoreError> {
+        let prepared = prepare(
+            &config.url,
+            config.connect_timeout,
+            Purpose {
+                application_name: "outboxd",
+                keepalive_idle: Some(Duration::from_secs(10)),
+            },
+        )?;
+        let described = prepared.describe();
         let manager = Manager::from_config(
-            pg,
-            tls,
+            prepared.config,
+            prepared.tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
         let pool = Pool::builder(manager)
-            .max_size(config.database.pool_size)
+            .max_size(config.pool_size)
             .runtime(Runtime::Tokio1)
-            .create_timeout(Some(config.database.connect_timeout))
-            .wait_timeout(Some(config.database.connect_timeout * 2))
+            .create_timeout(Some(config.connect_timeout))
+            .wait_timeout(Some(config.connect_timeout * 2))
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
         let store = Store { pool };

@@ -30,6 +30,7 @@ pub struct DeadLetterFilter {
     pub until: Option<SystemTime>,
     /// Only ids below this one: the previous page's `next_before_id`.
     pub before_id: Option<i64>,
+    /// Page size (`dead_letters::list` keeps it within 1..=1000).
     pub limit: i64,
 }
 
@@ -164,7 +165,7 @@ impl Store {
                     &filter.since,
                     &filter.until,
                     &filter.before_id,
-                    &filter.limit.clamp(1, 1000),
+                    &filter.limit,
                 ],
             )
             .await

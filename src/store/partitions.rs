@@ -6,6 +6,7 @@
 //! loudly and skipped; the rows stay deliverable in DEFAULT.
 
 use super::{Store, StoreError, error_text};
+use crate::retry::Backoff;
 use std::time::Duration;
 
 const PARTITION_DAYS: &str = include_str!("../../sql/partition_days.sql");
@@ -23,7 +24,7 @@ pub struct PartitionReport {
 }
 
 /// Attempts per partition when the ATTACH waits for a lock longer than `lock_timeout`.
-const ATTACH_TRIES: u32 = 5;
+const ATTACH_TRIES: i32 = 5;
 const LOCK_TIMEOUT: &str = "1s";
 
 impl Store {
@@ -54,9 +55,8 @@ pub async fn ensure(
             continue;
         }
         let name = format!("outbox_p{suffix}");
-        let mut tries = 0;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         loop {
-            tries += 1;
             match attach_day(client, &name, &from, &to).await {
                 Ok(true) => {
                     tracing::info!(partition = %name, "partition created");
@@ -66,9 +66,9 @@ pub async fn ensure(
                 Ok(false) => break,
                 Err(error) => {
                     let code = error.code().map(|c| c.code().to_string());
-                    if code.as_deref() == Some("55P03") && tries < ATTACH_TRIES {
+                    if code.as_deref() == Some("55P03") && backoff.failures() + 1 < ATTACH_TRIES {
                         // lock_timeout: a long transaction holds the table; try again.
-                        tokio::time::sleep(Duration::from_millis(200 * u64::from(tries))).await;
+                        tokio::time::sleep(backoff.failed()).await;
                         continue;
                     }
                     let reason = error_text(&error);

@@ -413,6 +413,19 @@ impl TestBroker {
         self.received.lock().unwrap().clone()
     }
 
+    /// The message ids received so far, readable after the broker moved elsewhere.
+    pub fn received_handle(&self) -> impl Fn() -> Vec<String> + Send + Sync + 'static {
+        let received = Arc::clone(&self.received);
+        move || {
+            received
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|r| r.message_id.clone())
+                .collect()
+        }
+    }
+
     /// How many messages arrived so far.
     pub fn count(&self) -> usize {
         self.received.lock().unwrap().len()
@@ -484,5 +497,5 @@ pub async fn start(config: Config) -> outboxd::Outboxd {
 
 /// A store on `db`, for tests that act as a (crashing) worker.
 pub async fn store(config: &Config) -> Store {
-    Store::connect(config).await.unwrap()
+    Store::connect(&config.database).await.unwrap()
 }

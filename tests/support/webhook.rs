@@ -132,6 +132,12 @@ impl Endpoint {
         self.shared.hits.lock().unwrap().clone()
     }
 
+    /// The hits so far, readable after the endpoint moved elsewhere.
+    pub fn hits_handle(&self) -> impl Fn() -> Vec<Hit> + Send + Sync + 'static {
+        let shared = Arc::clone(&self.shared);
+        move || shared.hits.lock().unwrap().clone()
+    }
+
     /// Waits until `condition` holds for the hits so far (or the timeout passes).
     pub async fn wait_until(
         &self,

@@ -1,0 +1,129 @@
+//! Dead letters as operators see them, the same through the CLI (`outboxd dead-letters`)
+//! and the HTTP API (`/api/dead-letters`): a page of them (filters, the page size, the
+//! next page's cursor), one event in full, and a redrive (what was sent again, and what
+//! was left alone because it was not a dead letter). The CLI and the API only parse
+//! their input and present the answer.
+
+use crate::store::operations::{DeadLetter, DeadLetterFilter, EventDetail, RedriveError};
+use crate::store::{Store, StoreError};
+use serde::Serialize;
+use std::time::SystemTime;
+
+/// A page holds this many dead letters unless the request asks for another size.
+pub const DEFAULT_PAGE: i64 = 50;
+/// The largest page.
+pub const MAX_PAGE: i64 = 1000;
+
+/// A request that cannot be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    /// The request itself is wrong (the message says what to send instead).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No event has this id.
+    #[error("no event with id {0}")]
+    NotFound(i64),
+    /// The database did not answer.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<RedriveError> for DeadLetterError {
+    fn from(error: RedriveError) -> Self {
+        match error {
+            RedriveError::Store(error) => DeadLetterError::Store(error),
+            refused => DeadLetterError::BadRequest(refused.to_string()),
+        }
+    }
+}
+
+/// Which dead letters to list, as the caller wrote it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ListRequest {
+    /// An event type, `*` standing for any run of characters.
+    pub event_type: Option<String>,
+    /// RFC 3339 times: created at or after `since`, before `until`.
+    pub since: Option<String>,
+    pub until: Option<String>,
+    /// The previous page's `next_before_id`.
+    pub before_id: Option<i64>,
+    /// Page size; [`DEFAULT_PAGE`] when absent, at most [`MAX_PAGE`].
+    pub limit: Option<i64>,
+}
+
+/// One page of dead letters, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Page {
+    pub items: Vec<DeadLetter>,
+    /// Pass as `before_id` for the next page; `None` on the last page.
+    pub next_before_id: Option<i64>,
+}
+
+/// What a redrive did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Redriven {
+    /// Back to PENDING, with the redrive on the record.
+    pub redriven: Vec<i64>,
+    /// Named, but not dead letters: left alone.
+    pub not_dead_letters: Vec<i64>,
+}
+
+/// A time given as RFC 3339 (`2026-11-24T16:00:00Z`); `name` is how the caller called
+/// it (`--since`, `since`).
+pub fn parse_time(name: &str, text: Option<&str>) -> Result<Option<SystemTime>, DeadLetterError> {
+    text.map(|t| {
+        humantime::parse_rfc3339_weak(t).map_err(|_| {
+            DeadLetterError::BadRequest(format!(
+                "{name} {t:?} is not a time like 2026-11-24T16:00:00Z"
+            ))
+        })
+    })
+    .transpose()
+}
+
+/// One page of dead letters.
+pub async fn list(store: &Store, request: &ListRequest) -> Result<Page, DeadLetterError> {
+    let limit = request.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let filter = DeadLetterFilter {
+        event_type: request.event_type.clone(),
+        since: parse_time("since", request.since.as_deref())?,
+        until: parse_time("until", request.until.as_deref())?,
+        before_id: request.before_id,
+        limit,
+    };
+    let items = store.list_dead_letters(&filter).await?;
+    let next_before_id = (items.len() as i64 >= limit)
+        .then(|| items.last().map(|d| d.id))
+        .flatten();
+    Ok(Page {
+        items,
+        next_before_id,
+    })
+}
+
+/// One event in full, with its redrive history (any status).
+pub async fn show(store: &Store, id: i64) -> Result<EventDetail, DeadLetterError> {
+    store
+        .show_event(id)
+        .await?
+        .ok_or(DeadLetterError::NotFound(id))
+}
+
+/// Sends dead letters again, recorded with `reason` and `by`.
+pub async fn redrive(
+    store: &Store,
+    ids: &[i64],
+    reason: &str,
+    by: &str,
+) -> Result<Redriven, DeadLetterError> {
+    let redriven = store.redrive(ids, reason, by).await?;
+    let not_dead_letters = ids
+        .iter()
+        .copied()
+        .filter(|id| !redriven.contains(id))
+        .collect();
+    Ok(Redriven {
+        redriven,
+        not_dead_letters,
+    })
+}

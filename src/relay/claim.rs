@@ -1,0 +1,110 @@
+//! Claim: what to lease next (the most urgent sweep, else the notified ids, a batch at a
+//! time), leased under one `lock_token` with `FOR UPDATE SKIP LOCKED` so instances never
+//! share an event, and handed to a delivery task per route. A failed claim waits a
+//! backoff; its ids are kept and claimed once the database answers.
+
+use super::Relay;
+use super::inbox::Sweep;
+use crate::event::Claim;
+use crate::store::StoreError;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+impl Relay {
+    /// Claims while there is work and room for another batch in flight, and starts the
+    /// deliveries. Returns how many events it claimed.
+    pub(super) async fn fill(&mut self) -> usize {
+        let mut claimed = 0;
+        while self.in_flight.len() < self.deliverer.relay.max_in_flight_batches
+            && self.claims_blocked_until.is_none()
+        {
+            let result = if let Some(sweep) = self.inbox.sweep() {
+                self.claim_sweep(sweep).await
+            } else if self.inbox.has_ids() {
+                let ids = self.inbox.take_ids(self.deliverer.relay.batch_size);
+                let result = self
+                    .deliverer
+                    .store
+                    .claim_ids(&ids, self.deliverer.relay.lease)
+                    .await;
+                if result.is_err() {
+                    self.inbox.put_back(ids);
+                }
+                result
+            } else {
+                break;
+            };
+            match result {
+                Ok(claim) => {
+                    self.claim_backoff.succeeded();
+                    claimed += claim.events.len();
+                    self.dispatch(claim);
+                }
+                Err(error) => {
+                    let delay = self.claim_backoff.failed();
+                    tracing::error!(%error, retry_in_ms = delay.as_millis() as u64, "claim failed");
+                    self.claims_blocked_until = Some(Instant::now() + delay);
+                }
+            }
+        }
+        claimed
+    }
+
+    /// One claim for `sweep`. A drain-mode poll goes on until a claim comes back empty;
+    /// other sweeps end with the first short claim. What a counted sweep finds is counted.
+    async fn claim_sweep(&mut self, sweep: Sweep) -> Result<Claim, StoreError> {
+        let d = &self.deliverer;
+        let batch = d.relay.batch_size;
+        let claim = match sweep {
+            Sweep::Retry => d.store.claim_due_retries(batch, d.relay.lease).await?,
+            Sweep::Safety => {
+                d.store
+                    .claim_due(batch, d.relay.safety_sweep_grace, d.relay.lease)
+                    .await?
+            }
+            Sweep::Drain | Sweep::Requested | Sweep::Reconnect => {
+                d.store
+                    .claim_due(batch, Duration::ZERO, d.relay.lease)
+                    .await?
+            }
+        };
+        let more = if sweep == Sweep::Drain {
+            !claim.events.is_empty()
+        } else {
+            claim.events.len() == batch
+        };
+        if !more {
+            self.inbox.sweep_done();
+        }
+        let found = claim.events.len() as u64;
+        if sweep.is_counted() && found > 0 {
+            d.metrics
+                .sweep_recovered
+                .with_label_values(&[sweep.label()])
+                .inc_by(found);
+            if sweep == Sweep::Safety {
+                tracing::warn!(
+                    events = found,
+                    "safety sweep found events no notification delivered"
+                );
+            }
+        }
+        Ok(claim)
+    }
+
+    /// Starts one delivery task per route group of `claim`.
+    fn dispatch(&mut self, claim: Claim) {
+        if let Some(highest) = claim.events.iter().map(|e| e.id).max() {
+            self.high_load.saw(highest);
+        }
+        let token = claim.lock_token;
+        for (plan, events) in super::deliver::plan(&self.deliverer.router, claim.events) {
+            let deliverer = Arc::clone(&self.deliverer);
+            let handle = self
+                .in_flight
+                .spawn(async move { deliverer.deliver(token, plan, events).await });
+            self.tokens.insert(handle.id(), token);
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! The relay: an event's trip through outboxd, one file a step.
+//!
+//! - [`inbox`]: what woke it (notified ids, the reaper's ids, sweep requests, retry
+//!   timers), merged, so everything that arrives while a claim runs goes into the next.
+//! - [`claim`]: lease the next batch (`FOR UPDATE SKIP LOCKED`, one `lock_token`).
+//! - [`deliver`]: send each route's events to every destination they still need, the
+//!   lease renewed meanwhile.
+//! - [`decide`]: what each event's outcomes mean (pure).
+//! - [`record`]: complete / schedule_retry / bury, fenced by the `lock_token`.
+//!
+//! Under load claims are large and back to back; idle, it sends nothing but its timers.
+//! On shutdown it stops claiming, lets in-flight deliveries finish within
+//! `shutdown_grace`, and releases what it still holds.
+
+mod claim;
+pub mod decide;
+mod deliver;
+pub mod inbox;
+mod record;
+
+pub use decide::{Decision, decide};
+pub use inbox::{Sweep, Wake};
+
+use crate::config::{HighLoadConfig, RelayConfig, RetryConfig};
+use crate::high_load::HighLoad;
+use crate::metrics::Metrics;
+use crate::retry::Backoff;
+use crate::routing::Router;
+use crate::sink::Sink;
+use crate::store::Store;
+use deliver::Deliverer;
+use inbox::Inbox;
+use record::BatchReport;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The relay loop. See the module docs.
+pub struct Relay {
+    deliverer: Arc<Deliverer>,
+    wakes: mpsc::UnboundedReceiver<Wake>,
+    inbox: Inbox,
+    in_flight: JoinSet<BatchReport>,
+    /// The claim each running delivery holds, so shutdown can release it.
+    tokens: HashMap<tokio::task::Id, Uuid>,
+    claim_backoff: Backoff,
+    claims_blocked_until: Option<Instant>,
+    high_load: HighLoad,
+}
+
+impl Relay {
+    pub fn new(
+        store: Store,
+        router: Router,
+        destinations: Vec<Arc<dyn Sink>>,
+        relay: RelayConfig,
+        retry: RetryConfig,
+        metrics: Metrics,
+        wakes: mpsc::UnboundedReceiver<Wake>,
+    ) -> Self {
+        let high_load = HighLoad::new(
+            HighLoadConfig {
+                enabled: false,
+                ..Default::default()
+            },
+            String::new(),
+            metrics.clone(),
+        );
+        Self {
+            deliverer: Arc::new(Deliverer {
+                store,
+                router,
+                destinations: destinations
+                    .into_iter()
+                    .map(|sink| (sink.name().to_string(), sink))
+                    .collect(),
+                relay,
+                retry,
+                metrics,
+            }),
+            wakes,
+            inbox: Inbox::default(),
+            in_flight: JoinSet::new(),
+            tokens: HashMap::new(),
+            claim_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+            claims_blocked_until: None,
+            high_load,
+        }
+    }
+
+    /// High-load (drain) mode as configured. Without it, this relay never enters drain
+    /// mode itself but still follows other instances into it.
+    pub fn with_high_load(mut self, high_load: HighLoad) -> Self {
+        self.high_load = high_load;
+        self
+    }
+
+    /// One round, for tests and tools: takes in every wake-up waiting, claims what they
+    /// ask for (as many batches as may be in flight), and waits until each of those
+    /// deliveries has recorded its outcome. Returns how many events it claimed.
+    pub async fn run_once(&mut self) -> usize {
+        self.take_waiting();
+        let claimed = self.fill().await;
+        while let Some(done) = self.in_flight.join_next_with_id().await {
+            self.finished(done);
+        }
+        claimed
+    }
+
+    /// Runs until `shutdown`; then stops claiming, lets in-flight deliveries finish
+    /// within `shutdown_grace`, and releases every event it still holds.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let every = self.deliverer.relay.safety_sweep_interval;
+        let mut safety = interval_at(Instant::now() + every, every);
+        safety.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            self.fill().await;
+            let far = Instant::now() + Duration::from_secs(86_400);
+            let next_retry = self.inbox.next_retry();
+            let claims_blocked_until = self.claims_blocked_until;
+            let high_load_at = self.high_load.next_wake();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(done) = self.in_flight.join_next_with_id(), if !self.in_flight.is_empty() => {
+                    self.finished(done);
+                }
+                wake = self.wakes.recv() => match wake {
+                    Some(wake) => {
+                        self.inbox.absorb(wake, &mut self.high_load);
+                        self.take_waiting();
+                    }
+                    None => {
+                        // Every sender is gone: only timers can wake us now.
+                        shutdown.cancelled().await;
+                        break;
+                    }
+                },
+                _ = sleep_until(next_retry.unwrap_or(far)), if next_retry.is_some() => {
+                    self.inbox.retries_due(Instant::now());
+                }
+                _ = sleep_until(claims_blocked_until.unwrap_or(far)), if claims_blocked_until.is_some() => {
+                    self.claims_blocked_until = None;
+                }
+                _ = sleep_until(high_load_at.unwrap_or(far)), if high_load_at.is_some() => {
+                    if self.high_load.tick(&self.deliverer.store).await {
+                        self.inbox.request(Sweep::Drain);
+                    }
+                }
+                _ = safety.tick() => self.inbox.request(Sweep::Safety),
+            }
+        }
+        self.shut_down().await;
+    }
+
+    /// Takes in every wake-up already waiting, without blocking.
+    fn take_waiting(&mut self) {
+        while let Ok(wake) = self.wakes.try_recv() {
+            self.inbox.absorb(wake, &mut self.high_load);
+        }
+    }
+
+    fn finished(&mut self, done: Result<(tokio::task::Id, BatchReport), tokio::task::JoinError>) {
+        match done {
+            Ok((id, report)) => {
+                self.tokens.remove(&id);
+                self.inbox.schedule_retries(&report.retries);
+            }
+            Err(error) if error.is_cancelled() => {
+                // Aborted on shutdown: its token stays, so shut_down() releases its events.
+            }
+            Err(error) => {
+                // A panicking delivery: its events stay leased until the reaper returns them.
+                self.tokens.remove(&error.id());
+                tracing::error!(%error, "delivery task failed; its events return when their lease expires");
+            }
+        }
+    }
+
+    async fn shut_down(mut self) {
+        self.high_load.stop(&self.deliverer.store).await;
+        let deadline = Instant::now() + self.deliverer.relay.shutdown_grace;
+        if !self.in_flight.is_empty() {
+            tracing::info!(
+                batches = self.in_flight.len(),
+                "shutting down: waiting for in-flight deliveries"
+            );
+        }
+        while !self.in_flight.is_empty() {
+            tokio::select! {
+                Some(done) = self.in_flight.join_next_with_id() => self.finished(done),
+                _ = sleep_until(deadline) => {
+                    tracing::warn!(batches = self.in_flight.len(), "shutdown grace over: abandoning in-flight deliveries");
+                    self.in_flight.abort_all();
+                    while let Some(done) = self.in_flight.join_next_with_id().await {
+                        self.finished(done);
+                    }
+                }
+            }
+        }
+        // Aborted deliveries leave their tokens behind: hand their events back.
+        let mut tokens: Vec<Uuid> = self.tokens.values().copied().collect();
+        tokens.sort();
+        tokens.dedup();
+        match self.deliverer.store.release(&tokens).await {
+            Ok(0) => {}
+            Ok(released) => {
+                tracing::info!(events = released, "released unfinished events to PENDING")
+            }
+            Err(error) => {
+                tracing::error!(%error, "could not release unfinished events; the reaper returns them when their lease expires")
+            }
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Record: each event's outcomes become one decision ([`decide`]), the decisions of a
+//! group become one statement per verb (complete, schedule_retry, bury), each fenced by
+//! the claim's `lock_token` (invariant 3) and tried again for a few seconds while the
+//! database is briefly away. Counted in the delivery metrics.
+
+use super::decide::{Decision, decide};
+use super::deliver::{Deliverer, Outcomes};
+use crate::event::{Event, Outcome};
+use crate::metrics::FailureKind;
+use crate::retry::{Backoff, random_jitter, retry_transient};
+use crate::routing::Unrouted;
+use crate::store::{BuryItem, CompleteItem, RetryItem, StoreError};
+use std::time::{Duration, SystemTime};
+use uuid::Uuid;
+
+/// What a finished delivery tells the relay.
+#[derive(Debug, Default)]
+pub(super) struct BatchReport {
+    /// The delays of the retries this batch scheduled, so the relay claims them when
+    /// they fall due instead of waiting for the safety sweep.
+    pub retries: Vec<Duration>,
+}
+
+/// Tries of one outcome statement while the database does not answer (a restart, a
+/// failover): every outcome that lands saves a re-delivery. About 3 to 6 s in all.
+const WRITE_TRIES: u32 = 6;
+
+impl Deliverer {
+    pub(super) async fn record(
+        &self,
+        lock_token: Uuid,
+        events: &[Event],
+        per_destination: &Outcomes,
+    ) -> BatchReport {
+        let mut complete = Vec::new();
+        let mut retry = Vec::new();
+        let mut bury = Vec::new();
+        let now = SystemTime::now();
+        for (index, event) in events.iter().enumerate() {
+            let outcomes: Vec<(&str, &Outcome)> = per_destination
+                .iter()
+                .filter_map(|(name, outcomes)| outcomes[index].as_ref().map(|o| (name.as_str(), o)))
+                .collect();
+            for (destination, outcome) in &outcomes {
+                self.count(event, destination, outcome);
+            }
+            match decide(event, &outcomes, &self.retry, random_jitter()) {
+                Decision::Complete { acked } => {
+                    let latency = now.duration_since(event.created_at).unwrap_or_default();
+                    self.metrics.delivery_latency.observe(latency.as_secs_f64());
+                    complete.push(CompleteItem {
+                        id: event.id,
+                        created_at: event.created_at,
+                        acked,
+                    });
+                }
+                Decision::Retry {
+                    delay,
+                    reason,
+                    give_back_attempt,
+                    acked,
+                } => {
+                    retry.push(RetryItem {
+                        id: event.id,
+                        created_at: event.created_at,
+                        delay,
+                        last_error: reason,
+                        give_back_attempt,
+                        acked,
+                    });
+                }
+                Decision::Bury { reason, acked } => {
+                    tracing::error!(
+                        tracking_id = %event.tracking_id,
+                        event_type = %event.event_type,
+                        attempts = event.attempts,
+                        error = %reason,
+                        "event moved to dead letters"
+                    );
+                    bury.push(BuryItem {
+                        id: event.id,
+                        created_at: event.created_at,
+                        last_error: reason,
+                        acked,
+                    });
+                }
+            }
+        }
+        let retries = retry.iter().map(|r| r.delay).collect();
+        self.write("complete", complete.len(), || {
+            self.store.complete(lock_token, &complete)
+        })
+        .await;
+        self.write("schedule_retry", retry.len(), || {
+            self.store.schedule_retry(lock_token, &retry)
+        })
+        .await;
+        self.write("bury", bury.len(), || self.store.bury(lock_token, &bury))
+            .await;
+        BatchReport { retries }
+    }
+
+    /// Events no routing rule matches: dead-lettered or skipped as configured, counted.
+    pub(super) async fn unrouted(
+        &self,
+        lock_token: Uuid,
+        policy: Unrouted,
+        events: &[Event],
+    ) -> BatchReport {
+        self.metrics.unrouted.inc_by(events.len() as u64);
+        match policy {
+            Unrouted::DeadLetter => {
+                let bury: Vec<BuryItem> = events
+                    .iter()
+                    .map(|e| BuryItem {
+                        id: e.id,
+                        created_at: e.created_at,
+                        last_error: format!(
+                            "unrouted: no routing rule matches event_type {:?}; add a rule to [[routing.routes]], then redrive",
+                            e.event_type
+                        ),
+                        acked: Vec::new(),
+                    })
+                    .collect();
+                tracing::warn!(events = bury.len(), "unrouted events moved to dead letters");
+                self.write("bury", bury.len(), || self.store.bury(lock_token, &bury))
+                    .await;
+            }
+            Unrouted::Skip => {
+                let complete: Vec<CompleteItem> = events
+                    .iter()
+                    .map(|e| CompleteItem {
+                        id: e.id,
+                        created_at: e.created_at,
+                        acked: Vec::new(),
+                    })
+                    .collect();
+                self.write("complete", complete.len(), || {
+                    self.store.complete(lock_token, &complete)
+                })
+                .await;
+            }
+        }
+        BatchReport::default()
+    }
+
+    fn count(&self, event: &Event, destination: &str, outcome: &Outcome) {
+        match outcome {
+            Outcome::Delivered => {
+                self.metrics
+                    .published
+                    .with_label_values(&[destination])
+                    .inc();
+            }
+            Outcome::Retry { reason, .. } => {
+                self.metrics.failed(destination, FailureKind::Retry);
+                tracing::warn!(
+                    tracking_id = %event.tracking_id,
+                    destination,
+                    attempt = event.attempts,
+                    error = %reason,
+                    "delivery failed"
+                );
+            }
+            Outcome::Rejected { reason } => {
+                self.metrics.failed(destination, FailureKind::Rejected);
+                tracing::warn!(
+                    tracking_id = %event.tracking_id,
+                    destination,
+                    error = %reason,
+                    "delivery rejected"
+                );
+            }
+            Outcome::Deferred { .. } => self.metrics.failed(destination, FailureKind::Deferred),
+        }
+    }
+
+    /// Records one kind of outcome for `expected` events and counts those the lease fence
+    /// refused (invariant 3). A statement that still fails leaves the events leased: the
+    /// reaper returns them and they are delivered again. A retry after a lost reply finds
+    /// the rows already updated and is counted as fenced.
+    async fn write<F, Fut>(&self, verb: &'static str, expected: usize, statement: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<i64>, StoreError>>,
+    {
+        if expected == 0 {
+            return;
+        }
+        let written = retry_transient(
+            WRITE_TRIES,
+            Backoff::new(Duration::from_millis(200), Duration::from_secs(4)),
+            StoreError::is_transient,
+            |error, wait| {
+                tracing::warn!(verb, %error, retry_in_ms = wait.as_millis() as u64, "could not record outcome; retrying")
+            },
+            statement,
+        )
+        .await;
+        match written {
+            Ok(done) if done.len() < expected => {
+                let fenced = expected - done.len();
+                self.metrics.fenced_outcomes.inc_by(fenced as u64);
+                tracing::warn!(
+                    verb,
+                    fenced,
+                    "outcome refused: the lease had moved on to another owner"
+                );
+            }
+            Ok(_) => {}
+            Err(error) => tracing::error!(
+                verb,
+                events = expected,
+                %error,
+                "could not record outcome; the events return to PENDING when their lease expires"
+            ),
+        }
+    }
+}

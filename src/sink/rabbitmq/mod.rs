@@ -1,0 +1,338 @@
+//! The RabbitMQ destination: one connection, a confirm-mode channel, persistent and
+//! `mandatory` publishes. A batch is published, then its confirms are awaited together.
+//! Only a confirm ack without a return is `Delivered` (invariant 2): a mandatory return
+//! (no queue bound) or a nack is the event's `Retry`; a closed channel or a confirm that
+//! does not arrive in time is the broker's. When the broker cannot be reached nothing is
+//! sent and the batch is `Deferred`; the circuit around this sink (`sink::guard`) then
+//! spaces the tries with the reconnect delays.
+
+pub mod config;
+pub mod demo_queue;
+pub mod routing_key;
+
+pub use config::RabbitMqConfig;
+pub use routing_key::RoutingKeyTemplate;
+
+use crate::event::{Event, Outcome};
+use crate::secret::redact;
+use crate::sink::circuit::CircuitSettings;
+use crate::sink::{DestinationConfig, Sink};
+use crate::validate::ConfigError;
+use futures_util::future::{BoxFuture, join_all};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use std::time::UNIX_EPOCH;
+use tokio::sync::Mutex;
+
+/// The name this destination has in `delivered_to` and in metric labels.
+pub const DESTINATION: &str = "rabbitmq";
+
+struct Live {
+    connection: Connection,
+    channel: Channel,
+}
+
+impl Live {
+    /// Closes a connection that is no longer trusted, without waiting for it.
+    fn retire(self) {
+        tokio::spawn(async move {
+            let closing = self.connection.close(200, "outboxd reconnects".into());
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), closing).await;
+        });
+    }
+}
+
+/// Publishes events to one exchange with publisher confirms.
+pub struct RabbitMqSink {
+    config: RabbitMqConfig,
+    routing_key: RoutingKeyTemplate,
+    live: Mutex<Option<Live>>,
+}
+
+impl RabbitMqSink {
+    pub fn new(config: RabbitMqConfig) -> Result<Self, String> {
+        let routing_key = RoutingKeyTemplate::parse(&config.routing_key)?;
+        Ok(Self {
+            config,
+            routing_key,
+            live: Mutex::new(None),
+        })
+    }
+
+    /// The open channel, connecting first if needed.
+    async fn channel(&self) -> Result<Channel, String> {
+        let mut live = self.live.lock().await;
+        if let Some(current) = live.as_ref()
+            && current.channel.status().connected()
+        {
+            return Ok(current.channel.clone());
+        }
+        if let Some(old) = live.take() {
+            old.retire();
+        }
+        let opened = self.open().await.inspect_err(|error| {
+            tracing::warn!(
+                destination = DESTINATION,
+                %error,
+                "RabbitMQ unreachable; events wait (deferred, no attempt charged)"
+            )
+        })?;
+        let channel = opened.channel.clone();
+        *live = Some(opened);
+        Ok(channel)
+    }
+
+    async fn open(&self) -> Result<Live, String> {
+        let url = &self.config.url;
+        let connect = async {
+            if self.config.ca_file.is_empty() {
+                return Connection::connect(url, ConnectionProperties::default()).await;
+            }
+            // amqps with a private CA: trust exactly the configured certificates.
+            let cert_chain = std::fs::read_to_string(&self.config.ca_file).map_err(|e| {
+                lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(e)))
+            })?;
+            let tls = lapin::tcp::OwnedTLSConfig {
+                identity: None,
+                cert_chain: Some(cert_chain),
+            };
+            Connection::connect_with_config(
+                url,
+                ConnectionProperties::default(),
+                tls,
+                lapin::runtime::default_runtime()?,
+            )
+            .await
+        };
+        let connection = tokio::time::timeout(self.config.confirm_timeout, connect)
+            .await
+            .map_err(|_| format!("cannot connect to RabbitMQ at {}: timed out", redact(url)))?
+            .map_err(|e| {
+                format!(
+                    "cannot connect to RabbitMQ at {}: {e}; check that it is running and that rabbitmq.url (OUTBOXD_RABBITMQ_URL) is right",
+                    redact(url)
+                )
+            })?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|e| format!("cannot open a RabbitMQ channel: {e}"))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| format!("cannot enable publisher confirms: {e}"))?;
+        if self.config.declare_exchange {
+            let kind = match self.config.exchange_type.as_str() {
+                "direct" => ExchangeKind::Direct,
+                "fanout" => ExchangeKind::Fanout,
+                "headers" => ExchangeKind::Headers,
+                _ => ExchangeKind::Topic,
+            };
+            channel
+                .exchange_declare(
+                    self.config.exchange.as_str().into(),
+                    kind,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot declare exchange {:?} ({}): {e}; if it exists with other settings, set rabbitmq.declare_exchange = false",
+                        self.config.exchange, self.config.exchange_type
+                    )
+                })?;
+        }
+        Ok(Live {
+            connection,
+            channel,
+        })
+    }
+
+    fn properties(&self, event: &Event) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        if let serde_json::Value::Object(map) = &event.metadata {
+            for (key, value) in map {
+                let text = match value {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                headers.insert(
+                    ShortString::from(key.as_str()),
+                    AMQPValue::LongString(LongString::from(text)),
+                );
+            }
+        }
+        headers.insert(
+            "aggregate_type".into(),
+            AMQPValue::LongString(LongString::from(event.aggregate_type.as_str())),
+        );
+        headers.insert(
+            "aggregate_id".into(),
+            AMQPValue::LongString(LongString::from(event.aggregate_id.as_str())),
+        );
+        headers.insert("outbox_attempt".into(), AMQPValue::LongInt(event.attempts));
+        let timestamp = event
+            .created_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        BasicProperties::default()
+            .with_message_id(event.tracking_id.to_string().into())
+            .with_type(event.event_type.as_str().into())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_timestamp(timestamp)
+            .with_app_id("outboxd".into())
+            .with_headers(headers)
+    }
+
+    async fn publish_batch(&self, events: &[Event]) -> Vec<Outcome> {
+        let channel = match self.channel().await {
+            Ok(channel) => channel,
+            Err(reason) => {
+                return events
+                    .iter()
+                    .map(|_| Outcome::Deferred {
+                        reason: reason.clone(),
+                        not_before: self.config.reconnect_min_delay,
+                    })
+                    .collect();
+            }
+        };
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; events.len()];
+        let mut confirms = Vec::with_capacity(events.len());
+        for (index, event) in events.iter().enumerate() {
+            if event.payload.len() > self.config.max_payload_bytes {
+                // RabbitMQ would close the channel over it, failing the whole batch.
+                outcomes[index] = Some(Outcome::Rejected {
+                    reason: format!(
+                        "payload of {} bytes is larger than rabbitmq.max_payload_bytes ({}); the broker would refuse it",
+                        event.payload.len(),
+                        self.config.max_payload_bytes
+                    ),
+                });
+                continue;
+            }
+            let routing_key = self.routing_key.render(event);
+            let published = channel
+                .basic_publish(
+                    self.config.exchange.as_str().into(),
+                    routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    event.payload.as_bytes(),
+                    self.properties(event),
+                )
+                .await;
+            match published {
+                Ok(confirm) => confirms.push((index, routing_key, confirm)),
+                Err(error) => {
+                    // The channel is gone. This event's publish failed; the rest of the
+                    // batch was never sent, so it waits without being charged.
+                    outcomes[index] = Some(Outcome::destination_failed(format!(
+                        "publish failed: {error}"
+                    )));
+                    for slot in outcomes.iter_mut().skip(index + 1).filter(|o| o.is_none()) {
+                        *slot = Some(Outcome::Deferred {
+                            reason: format!("not published: the channel closed ({error})"),
+                            not_before: self.config.reconnect_min_delay,
+                        });
+                    }
+                    break;
+                }
+            }
+        }
+        let waited = tokio::time::timeout(
+            self.config.confirm_timeout,
+            join_all(
+                confirms
+                    .into_iter()
+                    .map(|(index, routing_key, confirm)| async move {
+                        (index, routing_key, confirm.await)
+                    }),
+            ),
+        )
+        .await;
+        match waited {
+            Ok(results) => {
+                for (index, routing_key, result) in results {
+                    outcomes[index] = Some(self.classify(result, &routing_key));
+                }
+            }
+            Err(_) => {
+                let reason = format!(
+                    "no publisher confirm within {:?}; the message may or may not have been stored",
+                    self.config.confirm_timeout
+                );
+                for slot in outcomes.iter_mut().filter(|o| o.is_none()) {
+                    *slot = Some(Outcome::destination_failed(reason.clone()));
+                }
+                // A channel that lost confirms is not trusted again.
+                if let Some(old) = self.live.lock().await.take() {
+                    old.retire();
+                }
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Outcome::destination_failed("not published")))
+            .collect()
+    }
+
+    fn classify(&self, result: lapin::Result<Confirmation>, routing_key: &str) -> Outcome {
+        match result {
+            Ok(Confirmation::Ack(None)) => Outcome::Delivered,
+            Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
+                Outcome::event_failed(format!(
+                    "returned by RabbitMQ as unroutable: {} {} (exchange {:?}, routing key {:?}); bind a queue that matches this routing key",
+                    returned.reply_code, returned.reply_text, self.config.exchange, routing_key
+                ))
+            }
+            Ok(Confirmation::Nack(None)) => Outcome::event_failed(format!(
+                "nacked by RabbitMQ (exchange {:?}, routing key {routing_key:?}): the broker could not store it",
+                self.config.exchange
+            )),
+            Ok(Confirmation::NotRequested) => {
+                Outcome::destination_failed("channel was not in confirm mode")
+            }
+            Err(error) => Outcome::destination_failed(format!("confirm failed: {error}")),
+        }
+    }
+}
+
+impl DestinationConfig for RabbitMqConfig {
+    fn names(&self) -> Vec<String> {
+        vec![DESTINATION.to_string()]
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.check()
+    }
+
+    fn build(&self, _name: &str) -> Result<(Box<dyn Sink>, CircuitSettings), String> {
+        Ok((Box::new(RabbitMqSink::new(self.clone())?), self.circuit()))
+    }
+}
+
+impl Sink for RabbitMqSink {
+    fn name(&self) -> &str {
+        DESTINATION
+    }
+
+    fn deliver<'a>(&'a self, events: &'a [Event]) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(self.publish_batch(events))
+    }
+
+    fn connect(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { self.channel().await.map(|_| ()) })
+    }
+}
