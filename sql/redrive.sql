@@ -1,5 +1,6 @@
 -- redrive: dead letters back to PENDING with their attempts reset, each recorded with
--- the reason and who asked, and a notification so the relay claims them at once.
+-- the reason and who asked, and a notification so the relay claims them at once (as
+-- ranges, or a sweep when there are too many to list: outbox_notify_ids).
 -- $1 ids int8[], $2 reason text, $3 redriven_by text. Rows not in DEAD_LETTER are left
 -- alone. `delivered_to` is kept: destinations that acknowledged are not sent it again.
 -- Returns the ids sent again.
@@ -28,6 +29,6 @@ WITH target AS (
       FROM target
     RETURNING outbox_id
 ), notified AS (
-    SELECT pg_notify('outbox_events', string_agg(id::text, ',')) FROM moved HAVING count(*) > 0
+    SELECT outbox_notify_ids(array_agg(id)) FROM moved HAVING count(*) > 0
 )
 SELECT id FROM moved LEFT JOIN notified ON true

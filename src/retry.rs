@@ -3,7 +3,7 @@
 //! ([`backoff_delay`]), so the persisted schedule is tested without a clock or a random
 //! source. Loops that try again in process (the listener's reconnects, a failed claim, an
 //! outcome write while the database is away, a partition ATTACH that waited for a lock)
-//! use the same schedule through [`Backoff`] and [`retry_transient`].
+//! use the same schedule through [`Backoff`].
 
 use std::time::Duration;
 
@@ -69,35 +69,6 @@ impl Backoff {
     /// Failures in a row so far.
     pub fn failures(&self) -> i32 {
         self.failures
-    }
-}
-
-/// Runs `attempt` until it succeeds, fails in a way `transient` says will not pass, or
-/// has failed `tries` times in all, waiting `backoff` between tries. `on_retry` hears of
-/// each failure that is tried again, with the wait.
-pub async fn retry_transient<T, E, F, Fut>(
-    tries: u32,
-    mut backoff: Backoff,
-    transient: impl Fn(&E) -> bool,
-    mut on_retry: impl FnMut(&E, Duration),
-    mut attempt: F,
-) -> Result<T, E>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, E>>,
-{
-    let mut tried = 0;
-    loop {
-        tried += 1;
-        match attempt().await {
-            Ok(value) => return Ok(value),
-            Err(error) if tried < tries && transient(&error) => {
-                let wait = backoff.failed();
-                on_retry(&error, wait);
-                tokio::time::sleep(wait).await;
-            }
-            Err(error) => return Err(error),
-        }
     }
 }
 
@@ -172,54 +143,6 @@ mod tests {
         assert_eq!(backoff.failures(), 22);
         backoff.succeeded();
         assert!(backoff.failed() <= Duration::from_millis(100));
-    }
-
-    #[tokio::test]
-    async fn only_transient_failures_are_tried_again_and_only_so_often() {
-        let quick = || Backoff::new(Duration::from_millis(1), Duration::from_millis(2));
-        let mut calls = 0;
-        let mut heard = 0;
-        let result: Result<(), &str> = retry_transient(
-            3,
-            quick(),
-            |_| true,
-            |_, _| heard += 1,
-            || {
-                calls += 1;
-                async { Err("down") }
-            },
-        )
-        .await;
-        assert_eq!((result, calls, heard), (Err("down"), 3, 2));
-
-        let mut calls = 0;
-        let result: Result<(), &str> = retry_transient(
-            3,
-            quick(),
-            |e| *e != "refused",
-            |_, _| {},
-            || {
-                calls += 1;
-                async { Err("refused") }
-            },
-        )
-        .await;
-        assert_eq!((result, calls), (Err("refused"), 1));
-
-        let mut calls = 0;
-        let result = retry_transient(
-            5,
-            quick(),
-            |_: &&str| true,
-            |_, _| {},
-            || {
-                calls += 1;
-                let n = calls;
-                async move { if n == 2 { Ok(n) } else { Err("down") } }
-            },
-        )
-        .await;
-        assert_eq!(result, Ok(2));
     }
 
     mod properties {

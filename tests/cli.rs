@@ -306,7 +306,8 @@ async fn a_schema_from_before_high_load_mode_says_to_migrate_and_migrate_upgrade
     client
         .batch_execute(
             "DROP TABLE outbox_mode;
-             DELETE FROM outboxd_schema_migrations WHERE version = 3;",
+             DROP FUNCTION outbox_notify_ids(int8[]);
+             DELETE FROM outboxd_schema_migrations WHERE version >= 3;",
         )
         .await
         .unwrap();
@@ -365,4 +366,66 @@ async fn a_schema_from_before_high_load_mode_says_to_migrate_and_migrate_upgrade
         .await
         .unwrap();
     assert_eq!(query_i64(&db, "SELECT count(*) FROM outbox").await, 2);
+}
+
+/// Found: a schema applied by hand (0001 with psql) made `migrate` fail with `relation
+/// "outbox_id_seq" already exists` and no hint. Now it says what it found and how to
+/// record it; recorded so, `migrate` applies the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_applied_by_hand_is_recognised_and_migrate_says_how_to_adopt_it() {
+    let db = TestDb::empty().await;
+    let client = db.client().await;
+    client
+        .batch_execute(outboxd::store::migrate::MIGRATIONS[0].sql)
+        .await
+        .unwrap();
+    for command in [&["migrate"][..], &["migrate", "--dry-run"], &["run"]] {
+        let output = outboxd(command, &[("DATABASE_URL", &db.url)]);
+        assert_ne!(output.status.code(), Some(0), "{command:?}");
+        let text = stderr(&output);
+        assert!(
+            text.contains("outboxd_schema_migrations")
+                && text.contains("by hand")
+                && text.contains("0001_outbox")
+                && !text.contains("already exists"),
+            "{command:?}: {text}"
+        );
+    }
+    // Do as it says: record 0001, then migrate applies the rest.
+    let text = stderr(&outboxd(&["migrate"], &[("DATABASE_URL", &db.url)]));
+    let record = text
+        .split("record them with: ")
+        .nth(1)
+        .and_then(|rest| rest.split(" Then run").next())
+        .unwrap_or_else(|| panic!("no statement to record them: {text}"));
+    client.batch_execute(record).await.unwrap();
+    let migrated = outboxd(&["migrate"], &[("DATABASE_URL", &db.url)]);
+    assert!(migrated.status.success(), "{}", stderr(&migrated));
+    assert_eq!(
+        query_i64(&db, "SELECT count(*) FROM outboxd_schema_migrations").await,
+        outboxd::store::migrate::MIGRATIONS.len() as i64
+    );
+}
+
+/// Found: a database recorded as newer than the binary was accepted silently, so a
+/// rollback ran old code on a new schema. Now `migrate` and `run` refuse and say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_newer_than_the_binary_is_refused_with_what_to_run() {
+    let db = TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute(
+            "INSERT INTO outboxd_schema_migrations (version, name) VALUES (9999, 'from_the_future')",
+        )
+        .await
+        .unwrap();
+    for command in [&["migrate"][..], &["run"], &["status"]] {
+        let output = outboxd(command, &[("DATABASE_URL", &db.url)]);
+        assert_eq!(output.status.code(), Some(1), "{command:?}");
+        let text = stderr(&output);
+        assert!(
+            text.contains("9999") && text.contains("newer than this outboxd"),
+            "{command:?}: {text}"
+        );
+    }
 }

@@ -19,7 +19,17 @@ impl Relay {
         while self.in_flight.len() < self.deliverer.relay.max_in_flight_batches
             && self.claims_blocked_until.is_none()
         {
-            let result = if let Some(sweep) = self.inbox.sweep() {
+            let result = if let Some(suspect) = self.inbox.take_suspect() {
+                let result = self
+                    .deliverer
+                    .store
+                    .claim_ids(&[suspect], self.deliverer.relay.lease)
+                    .await;
+                if result.is_err() {
+                    self.inbox.suspect(vec![suspect]);
+                }
+                result
+            } else if let Some(sweep) = self.inbox.sweep() {
                 self.claim_sweep(sweep).await
             } else if self.inbox.has_ids() {
                 let ids = self.inbox.take_ids(self.deliverer.relay.batch_size);
@@ -54,7 +64,7 @@ impl Relay {
     /// One claim for `sweep`. A drain-mode poll goes on until a claim comes back empty;
     /// other sweeps end with the first short claim. What a counted sweep finds is counted.
     async fn claim_sweep(&mut self, sweep: Sweep) -> Result<Claim, StoreError> {
-        let d = &self.deliverer;
+        let d = Arc::clone(&self.deliverer);
         let batch = d.relay.batch_size;
         let claim = match sweep {
             Sweep::Retry => d.store.claim_due_retries(batch, d.relay.lease).await?,
@@ -74,8 +84,13 @@ impl Relay {
         } else {
             claim.events.len() == batch
         };
-        if !more {
-            self.inbox.sweep_done();
+        if more {
+            self.inbox.sweep_continues(sweep);
+        } else {
+            self.inbox.sweep_done(sweep);
+            if sweep != Sweep::Retry && sweep != Sweep::Drain {
+                self.arm_retry_timer().await;
+            }
         }
         let found = claim.events.len() as u64;
         if sweep.is_counted() && found > 0 {
@@ -93,6 +108,19 @@ impl Relay {
         Ok(claim)
     }
 
+    /// Arms the retry timer for the earliest rescheduled event in the table, whoever
+    /// scheduled it: retries of an instance that stopped or crashed are claimed when
+    /// they fall due. Read after each sweep (the reconnect sweep runs at start).
+    async fn arm_retry_timer(&mut self) {
+        match self.deliverer.store.next_retry().await {
+            Ok(Some(due_in)) => self.inbox.schedule_retries(&[due_in]),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::debug!(%error, "could not read the next retry; the sweeps find it")
+            }
+        }
+    }
+
     /// Starts one delivery task per route group of `claim`.
     fn dispatch(&mut self, claim: Claim) {
         if let Some(highest) = claim.events.iter().map(|e| e.id).max() {
@@ -100,11 +128,15 @@ impl Relay {
         }
         let token = claim.lock_token;
         for (plan, events) in super::deliver::plan(&self.deliverer.router, claim.events) {
+            let held = super::Held {
+                lock_token: token,
+                events: events.iter().map(|e| (e.id, e.created_at)).collect(),
+            };
             let deliverer = Arc::clone(&self.deliverer);
             let handle = self
                 .in_flight
                 .spawn(async move { deliverer.deliver(token, plan, events).await });
-            self.tokens.insert(handle.id(), token);
+            self.held.insert(handle.id(), held);
         }
     }
 }

@@ -64,6 +64,9 @@ impl Deliverer {
             Plan::Deliver(destinations) => destinations,
             Plan::Unrouted(policy) => return self.unrouted(lock_token, policy, &events).await,
         };
+        // How long the lease lasts as far as this task knows: from the claim (just now),
+        // pushed on by every renewal.
+        let mut leased_until = Instant::now() + self.relay.lease;
         let work = self.send_everywhere(&destinations, &events);
         tokio::pin!(work);
         let beat_every = self.relay.lease / 3;
@@ -72,18 +75,38 @@ impl Deliverer {
             tokio::select! {
                 outcomes = &mut work => break outcomes,
                 _ = beat.tick() => {
-                    match self.store.extend_lease(lock_token, &events, self.relay.lease).await {
-                        Ok(owned) if owned < events.len() => tracing::warn!(
-                            lost = events.len() - owned,
-                            "lease of some events moved on while delivering (reaped); their outcome will be fenced"
-                        ),
-                        Ok(_) => {}
-                        Err(error) => tracing::warn!(%error, "could not extend lease"),
+                    if let Some(until) = self.renew(lock_token, &events).await {
+                        leased_until = until;
                     }
                 }
             }
         };
-        self.record(lock_token, &events, &per_destination).await
+        self.record(lock_token, &events, &per_destination, leased_until)
+            .await
+    }
+
+    /// extend_lease (invariant 7). Returns the lease's new end when it was renewed.
+    pub(super) async fn renew(&self, lock_token: Uuid, events: &[Event]) -> Option<Instant> {
+        let asked = Instant::now();
+        match self
+            .store
+            .extend_lease(lock_token, events, self.relay.lease)
+            .await
+        {
+            Ok(owned) => {
+                if owned < events.len() {
+                    tracing::warn!(
+                        lost = events.len() - owned,
+                        "lease of some events moved on while delivering (reaped); their outcome will be fenced"
+                    );
+                }
+                Some(asked + self.relay.lease)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not extend lease");
+                None
+            }
+        }
     }
 
     /// For each destination, the outcomes of the events it still needed.

@@ -1,11 +1,12 @@
 //! What the relay has been asked to claim: ids (notified, or returned by the reaper),
-//! the most urgent sweep requested, and when the retries it scheduled fall due.
+//! the sweeps requested (each kind once, oldest first: one kind never replaces or
+//! starves another), and when the retries it scheduled fall due.
 //! Everything that arrives while a claim runs is merged here and goes into the next
 //! claim, so under load claims are large and back to back.
 
 use crate::high_load::HighLoad;
 use crate::notification::Notified;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -24,8 +25,7 @@ pub enum Wake {
     Reconnected,
 }
 
-/// What a claim without ids is for, least urgent first (a later kind replaces an
-/// earlier one that is still waiting).
+/// What a claim without ids is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Sweep {
     /// Safety net: only events due for longer than the grace period.
@@ -59,36 +59,64 @@ impl Sweep {
     pub fn is_counted(self) -> bool {
         Sweep::COUNTED.contains(&self)
     }
+
+    /// Whether a finished sweep of this kind also did `other`'s work. A sweep of every
+    /// due event finds what the safety sweep (due for longer than the grace) and the
+    /// retry sweep (due retries) look for; those two find only their own.
+    fn covers(self, other: Sweep) -> bool {
+        match self {
+            Sweep::Drain | Sweep::Requested | Sweep::Reconnect => true,
+            Sweep::Safety | Sweep::Retry => self == other,
+        }
+    }
 }
 
 /// The relay's work list.
 #[derive(Debug, Default)]
 pub struct Inbox {
     pending: BTreeSet<i64>,
-    sweep: Option<Sweep>,
+    /// Ids whose last delivery crashed (a worker died, a task panicked): claimed one at a
+    /// time, so whatever crashed can only take its own event down.
+    suspects: BTreeSet<i64>,
+    /// Requested sweeps, oldest first, each kind once.
+    sweeps: VecDeque<Sweep>,
     /// When retries this instance scheduled fall due (rounded up to 10 ms slots).
     retry_at: BTreeSet<Instant>,
 }
 
 impl Inbox {
+    /// Asks for a sweep; one of the same kind already waiting keeps its place.
     pub fn request(&mut self, sweep: Sweep) {
-        self.sweep = self.sweep.max(Some(sweep));
+        if !self.sweeps.contains(&sweep) {
+            self.sweeps.push_back(sweep);
+        }
     }
 
-    /// The sweep to run next, if any.
+    /// The sweep to run next (the longest waiting), if any.
     pub fn sweep(&self) -> Option<Sweep> {
-        self.sweep
+        self.sweeps.front().copied()
     }
 
-    /// The requested sweep found everything it was for.
-    pub fn sweep_done(&mut self) {
-        self.sweep = None;
+    /// `sweep` claimed a full batch and has more to do: it goes behind the other waiting
+    /// sweeps, so a sweep that always finds work (retries falling due all the time)
+    /// cannot starve the others.
+    pub fn sweep_continues(&mut self, sweep: Sweep) {
+        if let Some(at) = self.sweeps.iter().position(|s| *s == sweep) {
+            self.sweeps.remove(at);
+            self.sweeps.push_back(sweep);
+        }
+    }
+
+    /// `sweep` found everything it was for: it and every waiting sweep it covers are done.
+    pub fn sweep_done(&mut self, sweep: Sweep) {
+        self.sweeps.retain(|waiting| !sweep.covers(*waiting));
     }
 
     /// Takes in a wake-up; `high_load` hears of the ids and of mode broadcasts.
     pub fn absorb(&mut self, wake: Wake, high_load: &mut HighLoad) {
         match wake {
-            Wake::Heard(Notified::Ids(ids)) | Wake::Reaped(ids) => {
+            Wake::Reaped(ids) => self.suspect(ids),
+            Wake::Heard(Notified::Ids(ids)) => {
                 if let Some(highest) = ids.iter().max() {
                     high_load.saw(*highest);
                 }
@@ -106,6 +134,16 @@ impl Inbox {
                 high_load.reconnected();
             }
         }
+    }
+
+    /// Ids whose delivery crashed: each is claimed alone.
+    pub fn suspect(&mut self, ids: Vec<i64>) {
+        self.suspects.extend(ids);
+    }
+
+    /// The next id to claim alone, if any.
+    pub fn take_suspect(&mut self) -> Option<i64> {
+        self.suspects.pop_first()
     }
 
     /// Up to `limit` notified ids, lowest first.
@@ -159,19 +197,72 @@ mod tests {
     }
 
     #[test]
-    fn ids_merge_and_the_most_urgent_sweep_wins() {
+    fn ids_merge() {
         let mut inbox = Inbox::default();
         let mut hl = high_load();
         inbox.absorb(Wake::Heard(Notified::Ids(vec![5, 3])), &mut hl);
-        inbox.absorb(Wake::Reaped(vec![4, 3]), &mut hl);
+        inbox.absorb(Wake::Heard(Notified::Ids(vec![4, 3])), &mut hl);
         assert_eq!(inbox.take_ids(2), vec![3, 4]);
         assert_eq!(inbox.take_ids(10), vec![5]);
         assert!(!inbox.has_ids());
+    }
+
+    #[test]
+    fn reaped_ids_are_suspects_claimed_one_at_a_time() {
+        let mut inbox = Inbox::default();
+        let mut hl = high_load();
+        inbox.absorb(Wake::Reaped(vec![9, 7]), &mut hl);
+        assert!(!inbox.has_ids(), "not claimed in a batch");
+        assert_eq!(inbox.take_suspect(), Some(7));
+        assert_eq!(inbox.take_suspect(), Some(9));
+        assert_eq!(inbox.take_suspect(), None);
+    }
+
+    #[test]
+    fn a_retry_timer_never_replaces_a_waiting_safety_sweep() {
+        let mut inbox = Inbox::default();
+        inbox.request(Sweep::Safety);
+        // Every slot busy: the safety sweep waits while retry timers keep firing.
+        for _ in 0..3 {
+            inbox.retries_due(Instant::now());
+            assert_eq!(
+                inbox.sweep(),
+                Some(Sweep::Safety),
+                "the older request runs first"
+            );
+        }
+        inbox.sweep_done(Sweep::Safety);
+        assert_eq!(inbox.sweep(), Some(Sweep::Retry));
+        inbox.sweep_done(Sweep::Retry);
+        assert_eq!(inbox.sweep(), None);
+    }
+
+    #[test]
+    fn a_sweep_that_always_finds_work_takes_turns() {
+        let mut inbox = Inbox::default();
+        inbox.retries_due(Instant::now());
+        inbox.request(Sweep::Safety);
+        // The retry sweep's claims keep coming back full.
+        inbox.sweep_continues(Sweep::Retry);
+        assert_eq!(inbox.sweep(), Some(Sweep::Safety));
+        inbox.sweep_continues(Sweep::Safety);
+        assert_eq!(inbox.sweep(), Some(Sweep::Retry));
+    }
+
+    #[test]
+    fn a_sweep_of_everything_due_covers_the_others_but_not_the_reverse() {
+        let mut inbox = Inbox::default();
+        let mut hl = high_load();
+        inbox.request(Sweep::Retry);
         inbox.request(Sweep::Safety);
         inbox.absorb(Wake::Reconnected, &mut hl);
-        inbox.request(Sweep::Retry);
+        inbox.sweep_done(Sweep::Retry);
+        assert_eq!(inbox.sweep(), Some(Sweep::Safety));
+        inbox.sweep_done(Sweep::Safety);
         assert_eq!(inbox.sweep(), Some(Sweep::Reconnect));
-        inbox.sweep_done();
+        inbox.request(Sweep::Safety);
+        inbox.request(Sweep::Retry);
+        inbox.sweep_done(Sweep::Reconnect);
         assert_eq!(inbox.sweep(), None);
     }
 

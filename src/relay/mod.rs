@@ -40,14 +40,20 @@ use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep_until};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// The events one delivery task holds, under one claim's `lock_token`.
+struct Held {
+    lock_token: Uuid,
+    events: Vec<(i64, std::time::SystemTime)>,
+}
+
 /// The relay loop. See the module docs.
 pub struct Relay {
     deliverer: Arc<Deliverer>,
     wakes: mpsc::UnboundedReceiver<Wake>,
     inbox: Inbox,
     in_flight: JoinSet<BatchReport>,
-    /// The claim each running delivery holds, so shutdown can release it.
-    tokens: HashMap<tokio::task::Id, Uuid>,
+    /// What each running delivery holds, so a crash or shutdown can hand it back.
+    held: HashMap<tokio::task::Id, Held>,
     claim_backoff: Backoff,
     claims_blocked_until: Option<Instant>,
     high_load: HighLoad,
@@ -86,7 +92,7 @@ impl Relay {
             wakes,
             inbox: Inbox::default(),
             in_flight: JoinSet::new(),
-            tokens: HashMap::new(),
+            held: HashMap::new(),
             claim_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
             claims_blocked_until: None,
             high_load,
@@ -107,7 +113,7 @@ impl Relay {
         self.take_waiting();
         let claimed = self.fill().await;
         while let Some(done) = self.in_flight.join_next_with_id().await {
-            self.finished(done);
+            self.finished(done).await;
         }
         claimed
     }
@@ -131,7 +137,7 @@ impl Relay {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(done) = self.in_flight.join_next_with_id(), if !self.in_flight.is_empty() => {
-                    self.finished(done);
+                    self.finished(done).await;
                 }
                 wake = self.wakes.recv() => match wake {
                     Some(wake) => {
@@ -168,19 +174,67 @@ impl Relay {
         }
     }
 
-    fn finished(&mut self, done: Result<(tokio::task::Id, BatchReport), tokio::task::JoinError>) {
+    async fn finished(
+        &mut self,
+        done: Result<(tokio::task::Id, BatchReport), tokio::task::JoinError>,
+    ) {
         match done {
             Ok((id, report)) => {
-                self.tokens.remove(&id);
+                self.held.remove(&id);
                 self.inbox.schedule_retries(&report.retries);
             }
             Err(error) if error.is_cancelled() => {
-                // Aborted on shutdown: its token stays, so shut_down() releases its events.
+                // Aborted on shutdown: what it held stays, so shut_down() releases it.
             }
             Err(error) => {
-                // A panicking delivery: its events stay leased until the reaper returns them.
-                self.tokens.remove(&error.id());
-                tracing::error!(%error, "delivery task failed; its events return when their lease expires");
+                let Some(held) = self.held.remove(&error.id()) else {
+                    return;
+                };
+                self.crashed(held, error).await;
+            }
+        }
+    }
+
+    /// A delivery task panicked: its events go back at once (not after the lease), to
+    /// be claimed one at a time; a lone event that keeps crashing ends as a dead letter
+    /// with the crash as its reason.
+    async fn crashed(&mut self, held: Held, error: tokio::task::JoinError) {
+        let panic = match error.try_into_panic() {
+            Ok(payload) => payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into()),
+            Err(error) => error.to_string(),
+        };
+        let reason = if held.events.len() == 1 {
+            format!("delivery crashed on this event: {panic}")
+        } else {
+            format!(
+                "delivery of a batch of {} crashed ({panic}); each is claimed alone now",
+                held.events.len()
+            )
+        };
+        tracing::error!(events = held.events.len(), error = %panic, "delivery crashed; its events are claimed one at a time");
+        let released = self
+            .deliverer
+            .store
+            .release_crashed(
+                held.lock_token,
+                &held.events,
+                &reason,
+                self.deliverer.retry.max_attempts,
+            )
+            .await;
+        match released {
+            Ok(released) => {
+                if !released.buried.is_empty() {
+                    tracing::error!(ids = ?released.buried, error = %reason, "event moved to dead letters");
+                }
+                self.inbox.suspect(released.returned);
+            }
+            Err(error) => {
+                tracing::error!(%error, "could not hand back a crashed delivery's events; the reaper returns them when their lease expires")
             }
         }
     }
@@ -196,18 +250,18 @@ impl Relay {
         }
         while !self.in_flight.is_empty() {
             tokio::select! {
-                Some(done) = self.in_flight.join_next_with_id() => self.finished(done),
+                Some(done) = self.in_flight.join_next_with_id() => self.finished(done).await,
                 _ = sleep_until(deadline) => {
                     tracing::warn!(batches = self.in_flight.len(), "shutdown grace over: abandoning in-flight deliveries");
                     self.in_flight.abort_all();
                     while let Some(done) = self.in_flight.join_next_with_id().await {
-                        self.finished(done);
+                        self.finished(done).await;
                     }
                 }
             }
         }
-        // Aborted deliveries leave their tokens behind: hand their events back.
-        let mut tokens: Vec<Uuid> = self.tokens.values().copied().collect();
+        // Aborted deliveries leave what they held behind: hand their events back.
+        let mut tokens: Vec<Uuid> = self.held.values().map(|h| h.lock_token).collect();
         tokens.sort();
         tokens.dedup();
         match self.deliverer.store.release(&tokens).await {

@@ -7,10 +7,11 @@ use super::decide::{Decision, decide};
 use super::deliver::{Deliverer, Outcomes};
 use crate::event::{Event, Outcome};
 use crate::metrics::FailureKind;
-use crate::retry::{Backoff, random_jitter, retry_transient};
+use crate::retry::{Backoff, random_jitter};
 use crate::routing::Unrouted;
 use crate::store::{BuryItem, CompleteItem, RetryItem, StoreError};
 use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
 use uuid::Uuid;
 
 /// What a finished delivery tells the relay.
@@ -21,9 +22,8 @@ pub(super) struct BatchReport {
     pub retries: Vec<Duration>,
 }
 
-/// Tries of one outcome statement while the database does not answer (a restart, a
-/// failover): every outcome that lands saves a re-delivery. About 3 to 6 s in all.
-const WRITE_TRIES: u32 = 6;
+/// The longest wait between two tries of an outcome statement.
+const WRITE_MAX_WAIT: Duration = Duration::from_secs(2);
 
 impl Deliverer {
     pub(super) async fn record(
@@ -31,7 +31,9 @@ impl Deliverer {
         lock_token: Uuid,
         events: &[Event],
         per_destination: &Outcomes,
+        leased_until: Instant,
     ) -> BatchReport {
+        let mut leased_until = leased_until;
         let mut complete = Vec::new();
         let mut retry = Vec::new();
         let mut bury = Vec::new();
@@ -87,16 +89,23 @@ impl Deliverer {
             }
         }
         let retries = retry.iter().map(|r| r.delay).collect();
-        self.write("complete", complete.len(), || {
+        let mut lease = Lease {
+            lock_token,
+            events,
+            until: &mut leased_until,
+        };
+        self.write("complete", complete.len(), &mut lease, || {
             self.store.complete(lock_token, &complete)
         })
         .await;
-        self.write("schedule_retry", retry.len(), || {
+        self.write("schedule_retry", retry.len(), &mut lease, || {
             self.store.schedule_retry(lock_token, &retry)
         })
         .await;
-        self.write("bury", bury.len(), || self.store.bury(lock_token, &bury))
-            .await;
+        self.write("bury", bury.len(), &mut lease, || {
+            self.store.bury(lock_token, &bury)
+        })
+        .await;
         BatchReport { retries }
     }
 
@@ -123,8 +132,16 @@ impl Deliverer {
                     })
                     .collect();
                 tracing::warn!(events = bury.len(), "unrouted events moved to dead letters");
-                self.write("bury", bury.len(), || self.store.bury(lock_token, &bury))
-                    .await;
+                let mut until = Instant::now() + self.relay.lease;
+                let mut lease = Lease {
+                    lock_token,
+                    events,
+                    until: &mut until,
+                };
+                self.write("bury", bury.len(), &mut lease, || {
+                    self.store.bury(lock_token, &bury)
+                })
+                .await;
             }
             Unrouted::Skip => {
                 let complete: Vec<CompleteItem> = events
@@ -135,7 +152,13 @@ impl Deliverer {
                         acked: Vec::new(),
                     })
                     .collect();
-                self.write("complete", complete.len(), || {
+                let mut until = Instant::now() + self.relay.lease;
+                let mut lease = Lease {
+                    lock_token,
+                    events,
+                    until: &mut until,
+                };
+                self.write("complete", complete.len(), &mut lease, || {
                     self.store.complete(lock_token, &complete)
                 })
                 .await;
@@ -176,27 +199,39 @@ impl Deliverer {
     }
 
     /// Records one kind of outcome for `expected` events and counts those the lease fence
-    /// refused (invariant 3). A statement that still fails leaves the events leased: the
-    /// reaper returns them and they are delivered again. A retry after a lost reply finds
-    /// the rows already updated and is counted as fenced.
-    async fn write<F, Fut>(&self, verb: &'static str, expected: usize, statement: F)
-    where
+    /// refused (invariant 3). While the database does not answer (a restart, a failover)
+    /// it keeps trying as long as the lease lasts, renewing the lease whenever the
+    /// database answers again: every outcome that lands saves a re-delivery. One that
+    /// still fails leaves the events leased: the reaper returns them and they are
+    /// delivered again. A retry after a lost reply finds the rows already updated and is
+    /// counted as fenced.
+    async fn write<F, Fut>(
+        &self,
+        verb: &'static str,
+        expected: usize,
+        lease: &mut Lease<'_>,
+        mut statement: F,
+    ) where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<Vec<i64>, StoreError>>,
     {
         if expected == 0 {
             return;
         }
-        let written = retry_transient(
-            WRITE_TRIES,
-            Backoff::new(Duration::from_millis(200), Duration::from_secs(4)),
-            StoreError::is_transient,
-            |error, wait| {
-                tracing::warn!(verb, %error, retry_in_ms = wait.as_millis() as u64, "could not record outcome; retrying")
-            },
-            statement,
-        )
-        .await;
+        let mut backoff = Backoff::new(Duration::from_millis(200), WRITE_MAX_WAIT);
+        let written = loop {
+            match statement().await {
+                Err(error) if error.is_transient() && Instant::now() < *lease.until => {
+                    let wait = backoff.failed();
+                    tracing::warn!(verb, %error, retry_in_ms = wait.as_millis() as u64, "could not record outcome; retrying while the lease lasts");
+                    tokio::time::sleep(wait).await;
+                    if let Some(until) = self.renew(lease.lock_token, lease.events).await {
+                        *lease.until = until;
+                    }
+                }
+                other => break other,
+            }
+        };
         match written {
             Ok(done) if done.len() < expected => {
                 let fenced = expected - done.len();
@@ -216,4 +251,11 @@ impl Deliverer {
             ),
         }
     }
+}
+
+/// The claim an outcome is recorded under, and how long it lasts.
+pub(super) struct Lease<'a> {
+    lock_token: Uuid,
+    events: &'a [Event],
+    until: &'a mut Instant,
 }

@@ -9,7 +9,19 @@ use super::{StoreError, error_text};
 pub struct Migration {
     pub version: i32,
     pub name: &'static str,
+    /// What it adds, for an error that says what is missing.
+    pub adds: &'static str,
+    /// A SQL condition that holds once it was applied (by outboxd or by hand); `false`
+    /// for a migration that only changes data.
+    pub present: &'static str,
     pub sql: &'static str,
+}
+
+impl Migration {
+    /// `0004_notify_ids (function outbox_notify_ids)`.
+    pub fn describe(&self) -> String {
+        format!("{:04}_{} ({})", self.version, self.name, self.adds)
+    }
 }
 
 /// Every migration, in order.
@@ -17,22 +29,44 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "outbox",
+        present: "to_regclass('outbox') IS NOT NULL",
+        adds: "table outbox, its partitions and the notify trigger",
         sql: include_str!("../../migrations/0001_outbox.sql"),
     },
     Migration {
         version: 2,
         name: "redrives",
+        present: "to_regclass('outbox_redrives') IS NOT NULL",
+        adds: "table outbox_redrives",
         sql: include_str!("../../migrations/0002_redrives.sql"),
     },
     Migration {
         version: 3,
         name: "high_load",
+        present: "to_regclass('outbox_mode') IS NOT NULL",
+        adds: "table outbox_mode",
         sql: include_str!("../../migrations/0003_high_load.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "notify_ids",
+        present: "to_regprocedure('outbox_notify_ids(int8[])') IS NOT NULL",
+        adds: "function outbox_notify_ids",
+        sql: include_str!("../../migrations/0004_notify_ids.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "redact_stored_urls",
+        present: "false",
+        adds: "URLs in stored errors without path or query",
+        sql: include_str!("../../migrations/0005_redact_stored_urls.sql"),
     },
 ];
 
 /// The advisory lock key migrations (and partition maintenance) take: "outboxd" in ASCII.
 pub const ADVISORY_LOCK_KEY: i64 = 0x006f_7574_626f_7864;
+
+const BOOKKEEPING_ONE_LINE: &str = "CREATE TABLE IF NOT EXISTS outboxd_schema_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())";
 
 const BOOKKEEPING: &str = "CREATE TABLE IF NOT EXISTS outboxd_schema_migrations (
     version    integer PRIMARY KEY,
@@ -65,12 +99,74 @@ pub async fn applied(client: &tokio_postgres::Client) -> Result<Vec<i32>, StoreE
 
 /// Migrations not applied yet, in order.
 pub async fn pending(client: &tokio_postgres::Client) -> Result<Vec<Migration>, StoreError> {
-    let done = applied(client).await?;
+    let done = recorded(client).await?;
     Ok(MIGRATIONS
         .iter()
         .filter(|m| !done.contains(&m.version))
         .copied()
         .collect())
+}
+
+/// The newest migration this outboxd knows.
+pub fn latest() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+/// The versions recorded as applied, refused when they cannot be built on: a schema
+/// recorded as newer than this outboxd (a rollback would run old code on a schema it
+/// does not know), or an outbox table that no record accounts for (applied by hand, so
+/// a migration would fail on objects that exist).
+pub async fn recorded(client: &tokio_postgres::Client) -> Result<Vec<i32>, StoreError> {
+    let done = applied(client).await?;
+    let database = || async {
+        client
+            .query_one("SELECT current_database()", &[])
+            .await
+            .map(|r| r.get::<_, String>(0))
+            .map_err(StoreError::query("migrate"))
+    };
+    if let Some(&newest) = done.iter().max()
+        && newest > latest()
+    {
+        return Err(StoreError::SchemaNewer {
+            database: database().await?,
+            recorded: newest,
+            known: latest(),
+        });
+    }
+    if done.is_empty() {
+        let mut found = Vec::new();
+        for migration in MIGRATIONS {
+            let present: bool = client
+                .query_one(&format!("SELECT {}", migration.present), &[])
+                .await
+                .map_err(StoreError::query("migrate"))?
+                .get(0);
+            if !present {
+                break;
+            }
+            found.push(migration);
+        }
+        if !found.is_empty() {
+            let rows: Vec<String> = found
+                .iter()
+                .map(|m| format!("({}, '{}')", m.version, m.name))
+                .collect();
+            return Err(StoreError::SchemaUnrecorded {
+                database: database().await?,
+                found: found
+                    .iter()
+                    .map(|m| m.describe())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                record: format!(
+                    "{BOOKKEEPING_ONE_LINE}; INSERT INTO outboxd_schema_migrations (version, name) VALUES {};",
+                    rows.join(", ")
+                ),
+            });
+        }
+    }
+    Ok(done)
 }
 
 /// Applies every pending migration; returns those it applied (none the second time).

@@ -29,6 +29,8 @@ const SCHEDULE_RETRY: &str = include_str!("../../sql/schedule_retry.sql");
 const BURY: &str = include_str!("../../sql/bury.sql");
 const EXTEND_LEASE: &str = include_str!("../../sql/extend_lease.sql");
 const RELEASE: &str = include_str!("../../sql/release.sql");
+const NEXT_RETRY: &str = include_str!("../../sql/next_retry.sql");
+const RELEASE_CRASHED: &str = include_str!("../../sql/release_crashed.sql");
 const REAP: &str = include_str!("../../sql/reap.sql");
 const STATUS: &str = include_str!("../../sql/status.sql");
 const DEFAULT_PARTITION_ROWS: &str = include_str!("../../sql/default_partition_rows.sql");
@@ -47,9 +49,25 @@ pub enum StoreError {
     )]
     SchemaMissing { database: String },
     #[error(
-        "the outbox schema in database {database:?} is older than this outboxd ({missing} is missing): run `outboxd migrate` (or start with `run --migrate`)"
+        "the outbox schema in database {database:?} is older than this outboxd (missing migrations: {missing}): run `outboxd migrate` (or start with `run --migrate`)"
     )]
     SchemaOutdated { database: String, missing: String },
+    #[error(
+        "the outbox schema in database {database:?} is recorded at migration {recorded:04}, newer than this outboxd knows (up to {known:04}): run the outboxd that applied it, or a newer one; this one would run its code on a schema it does not know"
+    )]
+    SchemaNewer {
+        database: String,
+        recorded: i32,
+        known: i32,
+    },
+    #[error(
+        "database {database:?} has outbox objects that outboxd_schema_migrations does not account for (was the schema applied by hand?): found {found}. If those were applied from outboxd's migrations, record them with: {record} Then run `outboxd migrate` again to apply the rest"
+    )]
+    SchemaUnrecorded {
+        database: String,
+        found: String,
+        record: String,
+    },
     #[error("{statement} failed: {source}")]
     Query {
         statement: &'static str,
@@ -76,7 +94,9 @@ impl StoreError {
             }
             StoreError::BadUrl { .. }
             | StoreError::SchemaMissing { .. }
-            | StoreError::SchemaOutdated { .. } => false,
+            | StoreError::SchemaOutdated { .. }
+            | StoreError::SchemaNewer { .. }
+            | StoreError::SchemaUnrecorded { .. } => false,
         }
     }
 
@@ -206,12 +226,13 @@ impl Store {
                 .get(0);
             return Err(StoreError::SchemaMissing { database });
         }
-        let current: bool = client
-            .query_one("SELECT to_regclass('outbox_mode') IS NOT NULL", &[])
-            .await
-            .map_err(StoreError::query("schema check"))?
-            .get(0);
-        if !current {
+        let applied = migrate::recorded(&client).await?;
+        let missing: Vec<String> = migrate::MIGRATIONS
+            .iter()
+            .filter(|m| !applied.contains(&m.version))
+            .map(|m| m.describe())
+            .collect();
+        if !missing.is_empty() {
             let database: String = client
                 .query_one("SELECT current_database()", &[])
                 .await
@@ -219,7 +240,7 @@ impl Store {
                 .get(0);
             return Err(StoreError::SchemaOutdated {
                 database,
-                missing: "table outbox_mode, migration 0003".into(),
+                missing: missing.join(", "),
             });
         }
         Ok(store)
@@ -426,6 +447,44 @@ impl Store {
         Ok(rows.len())
     }
 
+    /// release_crashed: a delivery crashed holding `events` (see the SQL file). Returns
+    /// what was done: back to PENDING, or buried (a lone event out of attempts).
+    pub async fn release_crashed(
+        &self,
+        lock_token: Uuid,
+        events: &[(i64, SystemTime)],
+        reason: &str,
+        default_max_attempts: i32,
+    ) -> Result<Reaped, StoreError> {
+        let ids: Vec<i64> = events.iter().map(|e| e.0).collect();
+        let created: Vec<SystemTime> = events.iter().map(|e| e.1).collect();
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                RELEASE_CRASHED,
+                &[&lock_token, &ids, &created, &reason, &default_max_attempts],
+            )
+            .await
+            .map_err(StoreError::query("release_crashed"))?;
+        Ok(reaped_from(rows))
+    }
+
+    /// next_retry: how long until the earliest rescheduled event falls due (`None`: no
+    /// event is waiting for a retry).
+    pub async fn next_retry(&self) -> Result<Option<Duration>, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(NEXT_RETRY)
+            .await
+            .map_err(StoreError::query("next_retry"))?;
+        let seconds: Option<f64> = client
+            .query_one(&statement, &[])
+            .await
+            .map_err(StoreError::query("next_retry"))?
+            .get(0);
+        Ok(seconds.map(|s| Duration::from_secs_f64(s.max(0.0))))
+    }
+
     /// reap: expired leases back to PENDING (or DEAD_LETTER when out of attempts).
     pub async fn reap(&self, default_max_attempts: i32) -> Result<Reaped, StoreError> {
         let client = self.client().await?;
@@ -437,17 +496,7 @@ impl Store {
             .query(&statement, &[&default_max_attempts])
             .await
             .map_err(StoreError::query("reap"))?;
-        let mut reaped = Reaped::default();
-        for row in rows {
-            let id: i64 = row.get(0);
-            let status: &str = row.get(1);
-            if status == "PENDING" {
-                reaped.returned.push(id);
-            } else {
-                reaped.buried.push(id);
-            }
-        }
-        Ok(reaped)
+        Ok(reaped_from(rows))
     }
 
     /// Counts per status and the oldest event's age per status.
@@ -481,6 +530,21 @@ impl Store {
     pub(crate) async fn pooled(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.client().await
     }
+}
+
+/// Rows of `(id, status)`: those back in PENDING and those buried.
+fn reaped_from(rows: Vec<tokio_postgres::Row>) -> Reaped {
+    let mut reaped = Reaped::default();
+    for row in rows {
+        let id: i64 = row.get(0);
+        let status: &str = row.get(1);
+        if status == "PENDING" {
+            reaped.returned.push(id);
+        } else {
+            reaped.buried.push(id);
+        }
+    }
+    reaped
 }
 
 fn pool_error_text(error: &deadpool_postgres::PoolError) -> String {

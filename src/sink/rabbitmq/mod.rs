@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod demo_queue;
+pub mod message;
 pub mod routing_key;
 
 pub use config::RabbitMqConfig;
@@ -20,11 +21,8 @@ use crate::sink::{DestinationConfig, Sink};
 use crate::validate::ConfigError;
 use futures_util::future::{BoxFuture, join_all};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-};
-use std::time::UNIX_EPOCH;
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
 
 /// The name this destination has in `delivered_to` and in metric labels.
@@ -33,9 +31,31 @@ pub const DESTINATION: &str = "rabbitmq";
 struct Live {
     connection: Connection,
     channel: Channel,
+    /// Which connection this is (the n-th opened), so a batch retires only its own.
+    generation: u64,
+}
+
+/// The channel a batch publishes on, and what it needs to know of its connection.
+struct InUse {
+    channel: Channel,
+    generation: u64,
+    /// The largest frame the broker takes (properties must fit in one).
+    frame_max: usize,
 }
 
 impl Live {
+    fn in_use(&self) -> InUse {
+        let frame_max = match self.connection.configuration().frame_max() {
+            0 => usize::MAX,
+            max => max as usize,
+        };
+        InUse {
+            channel: self.channel.clone(),
+            generation: self.generation,
+            frame_max,
+        }
+    }
+
     /// Closes a connection that is no longer trusted, without waiting for it.
     fn retire(self) {
         tokio::spawn(async move {
@@ -50,6 +70,7 @@ pub struct RabbitMqSink {
     config: RabbitMqConfig,
     routing_key: RoutingKeyTemplate,
     live: Mutex<Option<Live>>,
+    opened: std::sync::atomic::AtomicU64,
 }
 
 impl RabbitMqSink {
@@ -59,30 +80,45 @@ impl RabbitMqSink {
             config,
             routing_key,
             live: Mutex::new(None),
+            opened: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
     /// The open channel, connecting first if needed.
-    async fn channel(&self) -> Result<Channel, String> {
+    async fn channel(&self) -> Result<InUse, String> {
         let mut live = self.live.lock().await;
         if let Some(current) = live.as_ref()
             && current.channel.status().connected()
         {
-            return Ok(current.channel.clone());
+            return Ok(current.in_use());
         }
         if let Some(old) = live.take() {
             old.retire();
         }
-        let opened = self.open().await.inspect_err(|error| {
+        let mut opened = self.open().await.inspect_err(|error| {
             tracing::warn!(
                 destination = DESTINATION,
                 %error,
                 "RabbitMQ unreachable; events wait (deferred, no attempt charged)"
             )
         })?;
-        let channel = opened.channel.clone();
+        opened.generation = self
+            .opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let in_use = opened.in_use();
         *live = Some(opened);
-        Ok(channel)
+        Ok(in_use)
+    }
+
+    /// Retires connection `generation` if it is still the current one (another batch
+    /// may have opened a fresh one meanwhile: that one stays).
+    async fn retire(&self, generation: u64) {
+        let mut live = self.live.lock().await;
+        if live.as_ref().is_some_and(|l| l.generation == generation)
+            && let Some(old) = live.take()
+        {
+            old.retire();
+        }
     }
 
     async fn open(&self) -> Result<Live, String> {
@@ -152,50 +188,13 @@ impl RabbitMqSink {
         Ok(Live {
             connection,
             channel,
+            generation: 0,
         })
     }
 
-    fn properties(&self, event: &Event) -> BasicProperties {
-        let mut headers = FieldTable::default();
-        if let serde_json::Value::Object(map) = &event.metadata {
-            for (key, value) in map {
-                let text = match value {
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                headers.insert(
-                    ShortString::from(key.as_str()),
-                    AMQPValue::LongString(LongString::from(text)),
-                );
-            }
-        }
-        headers.insert(
-            "aggregate_type".into(),
-            AMQPValue::LongString(LongString::from(event.aggregate_type.as_str())),
-        );
-        headers.insert(
-            "aggregate_id".into(),
-            AMQPValue::LongString(LongString::from(event.aggregate_id.as_str())),
-        );
-        headers.insert("outbox_attempt".into(), AMQPValue::LongInt(event.attempts));
-        let timestamp = event
-            .created_at
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        BasicProperties::default()
-            .with_message_id(event.tracking_id.to_string().into())
-            .with_type(event.event_type.as_str().into())
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_timestamp(timestamp)
-            .with_app_id("outboxd".into())
-            .with_headers(headers)
-    }
-
     async fn publish_batch(&self, events: &[Event]) -> Vec<Outcome> {
-        let channel = match self.channel().await {
-            Ok(channel) => channel,
+        let used = match self.channel().await {
+            Ok(used) => used,
             Err(reason) => {
                 return events
                     .iter()
@@ -206,35 +205,45 @@ impl RabbitMqSink {
                     .collect();
             }
         };
+        let Ok(exchange) = ShortString::try_new(self.config.exchange.as_str()) else {
+            let refused = "rabbitmq.exchange is longer than 255 bytes; shorten it";
+            return events
+                .iter()
+                .map(|_| Outcome::destination_failed(refused))
+                .collect();
+        };
         let mut outcomes: Vec<Option<Outcome>> = vec![None; events.len()];
         let mut confirms = Vec::with_capacity(events.len());
         for (index, event) in events.iter().enumerate() {
-            if event.payload.len() > self.config.max_payload_bytes {
-                // RabbitMQ would close the channel over it, failing the whole batch.
-                outcomes[index] = Some(Outcome::Rejected {
-                    reason: format!(
-                        "payload of {} bytes is larger than rabbitmq.max_payload_bytes ({}); the broker would refuse it",
-                        event.payload.len(),
-                        self.config.max_payload_bytes
-                    ),
-                });
-                continue;
-            }
-            let routing_key = self.routing_key.render(event);
-            let published = channel
+            let rendered = self.routing_key.render(event);
+            let message = match message::build(
+                event,
+                &rendered,
+                used.frame_max,
+                self.config.max_payload_bytes,
+            ) {
+                Ok(message) => message,
+                Err(reason) => {
+                    // Refused before sending: this event alone, with its reason.
+                    outcomes[index] = Some(Outcome::Rejected { reason });
+                    continue;
+                }
+            };
+            let published = used
+                .channel
                 .basic_publish(
-                    self.config.exchange.as_str().into(),
-                    routing_key.as_str().into(),
+                    exchange.clone(),
+                    message.routing_key,
                     BasicPublishOptions {
                         mandatory: true,
                         ..BasicPublishOptions::default()
                     },
                     event.payload.as_bytes(),
-                    self.properties(event),
+                    message.properties,
                 )
                 .await;
             match published {
-                Ok(confirm) => confirms.push((index, routing_key, confirm)),
+                Ok(confirm) => confirms.push((index, rendered, confirm)),
                 Err(error) => {
                     // The channel is gone. This event's publish failed; the rest of the
                     // batch was never sent, so it waits without being charged.
@@ -251,36 +260,34 @@ impl RabbitMqSink {
                 }
             }
         }
-        let waited = tokio::time::timeout(
-            self.config.confirm_timeout,
-            join_all(
-                confirms
-                    .into_iter()
-                    .map(|(index, routing_key, confirm)| async move {
-                        (index, routing_key, confirm.await)
-                    }),
-            ),
-        )
+        // Each confirm by the same deadline: those that arrived count, whatever the others do.
+        let deadline = tokio::time::Instant::now() + self.config.confirm_timeout;
+        let results = join_all(confirms.into_iter().map(
+            |(index, routing_key, confirm)| async move {
+                (
+                    index,
+                    routing_key,
+                    tokio::time::timeout_at(deadline, confirm).await,
+                )
+            },
+        ))
         .await;
-        match waited {
-            Ok(results) => {
-                for (index, routing_key, result) in results {
-                    outcomes[index] = Some(self.classify(result, &routing_key));
+        let mut lost_confirms = false;
+        for (index, routing_key, result) in results {
+            outcomes[index] = Some(match result {
+                Ok(confirmed) => self.classify(confirmed, &routing_key),
+                Err(_) => {
+                    lost_confirms = true;
+                    Outcome::destination_failed(format!(
+                        "no publisher confirm within {:?}; the message may or may not have been stored",
+                        self.config.confirm_timeout
+                    ))
                 }
-            }
-            Err(_) => {
-                let reason = format!(
-                    "no publisher confirm within {:?}; the message may or may not have been stored",
-                    self.config.confirm_timeout
-                );
-                for slot in outcomes.iter_mut().filter(|o| o.is_none()) {
-                    *slot = Some(Outcome::destination_failed(reason.clone()));
-                }
-                // A channel that lost confirms is not trusted again.
-                if let Some(old) = self.live.lock().await.take() {
-                    old.retire();
-                }
-            }
+            });
+        }
+        if lost_confirms {
+            // A connection that lost confirms is not trusted again; only this batch's.
+            self.retire(used.generation).await;
         }
         outcomes
             .into_iter()

@@ -75,7 +75,7 @@ impl WebhookConfig {
                 at("url").invalid(name, "a webhook name may hold only a-z, 0-9, '_' and '-'")
             );
         }
-        check_url(&self.url).map_err(|problem| at("url").invalid(&self.url, problem))?;
+        check_url(&self.url).map_err(|problem| at("url").invalid(shown(&self.url), problem))?;
         if self.secrets.is_empty() {
             return Err(at("secrets").invalid(
                 "[]",
@@ -109,6 +109,26 @@ impl WebhookConfig {
             max_cool_down: self.cool_down * 6,
             probe_timeout: self.timeout + Duration::from_secs(5),
         }
+    }
+}
+
+/// A URL as outboxd shows it (logs, errors, `last_error`): scheme, host and port only.
+/// Webhook URLs often carry their credentials in the path or the query
+/// (`.../services/T000/B000/XXXX`, `?token=...`), so neither is ever shown, nor a
+/// password.
+pub fn shown(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(parsed) => {
+            let host = parsed.host_str().unwrap_or("");
+            let port = parsed.port().map(|p| format!(":{p}")).unwrap_or_default();
+            let rest = if parsed.path() != "/" || parsed.query().is_some() {
+                "/…"
+            } else {
+                "/"
+            };
+            format!("{}://{host}{port}{rest}", parsed.scheme())
+        }
+        Err(_) => "(a URL that does not parse)".into(),
     }
 }
 

@@ -33,7 +33,7 @@ pub fn classify(
         300..=399 => Outcome::Rejected {
             reason: format!(
                 "HTTP {status} redirect to {} not followed; set the webhook url to the final address",
-                location.unwrap_or("(no Location)")
+                location.map_or_else(|| "(no Location)".into(), super::config::shown)
             ),
         },
         408 | 425 | 429 | 500..=599 => Outcome::Retry {
@@ -99,6 +99,17 @@ mod tests {
         match classify(301, None, Some("https://elsewhere/"), "", now) {
             Outcome::Rejected { reason } => {
                 assert!(reason.contains("https://elsewhere/") && reason.contains("not followed"))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Where a redirect points may carry a token: only scheme, host and port are kept.
+        let secret = "https://u:pw@hooks.example:8443/services/T0/B0/XOXB?token=TOPSECRET";
+        match classify(302, None, Some(secret), "", now) {
+            Outcome::Rejected { reason } => {
+                assert!(reason.contains("https://hooks.example:8443/…"), "{reason}");
+                for hidden in ["XOXB", "TOPSECRET", "pw", "services"] {
+                    assert!(!reason.contains(hidden), "{hidden} shown: {reason}");
+                }
             }
             other => panic!("{other:?}"),
         }
