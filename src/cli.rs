@@ -136,35 +136,53 @@ impl From<anyhow::Error> for Failure {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
+    let logging = init_logging(cli.log_format);
+    let code = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => match runtime.block_on(execute(cli)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(failure) => {
+                say(&format!("outboxd: error: {}", failure.message));
+                ExitCode::from(failure.code)
+            }
+        },
         Err(error) => {
-            eprintln!("outboxd: error: cannot start the async runtime: {error}");
-            return ExitCode::from(1);
+            say(&format!(
+                "outboxd: error: cannot start the async runtime: {error}"
+            ));
+            ExitCode::from(1)
         }
     };
-    match runtime.block_on(execute(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(failure) => {
-            eprintln!("outboxd: error: {}", failure.message);
-            ExitCode::from(failure.code)
-        }
-    }
+    // Flush what the log writer still holds (it gives up after a second); a standard
+    // error nobody reads can change nothing about how the process ends.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(logging)));
+    code
 }
 
-fn init_logging(format: LogFormat) {
+/// One line on standard error, whatever state standard error is in.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Logs go through a writer thread of their own with a bounded buffer that drops lines
+/// when full: a standard error that is a closed pipe, or a full one nobody reads (a log
+/// shipper that died), never blocks delivery or shutdown. The guard flushes at exit.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,lapin=error,amq_protocol=warn,tokio_postgres=warn")
     });
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    guard
 }
 
 fn load_config(cli: &Cli) -> Result<Config, Failure> {

@@ -429,3 +429,92 @@ async fn a_schema_newer_than_the_binary_is_refused_with_what_to_run() {
         );
     }
 }
+
+/// `outboxd run` for `db` and `broker` with `stderr` as its standard error.
+fn spawn_run(
+    db: &TestDb,
+    broker: &support::TestBroker,
+    stderr: std::process::Stdio,
+) -> std::process::Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_outboxd"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("OUTBOXD_") || name == "DATABASE_URL" {
+            command.env_remove(name);
+        }
+    }
+    command
+        .arg("run")
+        .env("DATABASE_URL", &db.url)
+        .env("OUTBOXD_RABBITMQ_EXCHANGE", &broker.exchange)
+        .env("OUTBOXD_RABBITMQ_DECLARE_EXCHANGE", "false")
+        .env("OUTBOXD_HTTP_LISTEN", "127.0.0.1:0")
+        // Plenty to write: every statement and frame.
+        .env("RUST_LOG", "trace")
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("start outboxd")
+}
+
+/// SIGTERM, then the exit code, or `None` if it did not exit within `within`.
+fn terminate(child: &mut std::process::Child, within: std::time::Duration) -> Option<i32> {
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    None
+}
+
+/// Found: with standard error a closed pipe (`outboxd run 2>&1 | head -3`, a log shipper
+/// that died) SIGTERM hung until SIGKILL. Logging must never stop delivery or shutdown:
+/// not a closed pipe, not a full one that nobody reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_or_unread_stderr_pipe_never_stops_delivery_or_shutdown() {
+    use outboxd::{NewEvent, enqueue};
+    for closed in [true, false] {
+        let case = if closed {
+            "closed pipe"
+        } else {
+            "pipe nobody reads"
+        };
+        let db = TestDb::new().await;
+        let broker = support::TestBroker::new(Some("#")).await;
+        let mut child = spawn_run(&db, &broker, std::process::Stdio::piped());
+        let pipe = child.stderr.take();
+        if closed {
+            drop(pipe);
+        }
+        // Let it start (and log a lot), then commit events.
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let producer = db.client().await;
+        for n in 0..50 {
+            enqueue(
+                &producer,
+                &NewEvent::new(
+                    "order",
+                    n.to_string(),
+                    "order.created",
+                    serde_json::json!({}),
+                ),
+            )
+            .await
+            .unwrap();
+        }
+        let received = broker
+            .wait_for(50, std::time::Duration::from_secs(20))
+            .await;
+        assert_eq!(received.len(), 50, "{case}: events still delivered");
+        let code = terminate(&mut child, std::time::Duration::from_secs(20));
+        assert_eq!(code, Some(0), "{case}: SIGTERM ends it, exit 0");
+    }
+}
