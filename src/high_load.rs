@@ -67,20 +67,38 @@ pub struct HighLoad {
     /// a broadcast may have been missed).
     recheck: bool,
     next_poll: Instant,
+    /// The horizon wait every start runs has not ended yet (it is no switch of mode).
+    starting: bool,
 }
 
 impl HighLoad {
     pub fn new(config: HighLoadConfig, holder: String, metrics: Metrics) -> Self {
+        metrics.high_load_mode.set(
+            Mode::Leaving {
+                fence: None,
+                interval: Duration::ZERO,
+                next: Instant::now(),
+            }
+            .gauge(),
+        );
         Self {
-            config,
             holder,
             metrics,
-            mode: Mode::Notify,
+            // Every start begins as if leaving drain mode: a producer that read drain
+            // mode before a restart (or a kill -9, which leaves no trace to decide by)
+            // may commit after it, unannounced; claims go on until its transaction ended.
+            mode: Mode::Leaving {
+                fence: None,
+                interval: config.poll_interval,
+                next: Instant::now(),
+            },
             window_start: None,
             highest_id: 0,
             window_start_id: 0,
             recheck: false,
             next_poll: Instant::now(),
+            starting: true,
+            config,
         }
     }
 
@@ -357,6 +375,13 @@ impl HighLoad {
         let before = self.mode.gauge();
         self.mode = mode;
         let after = self.mode.gauge();
+        if std::mem::take(&mut self.starting) {
+            // The start's own horizon wait ended (or drain mode was entered): no switch.
+            self.metrics.high_load_mode.set(after);
+            if after != 1 {
+                return;
+            }
+        }
         if before != after {
             self.metrics.high_load_mode.set(after);
             match after {

@@ -645,3 +645,71 @@ async fn an_outcome_is_recorded_after_a_database_outage_shorter_than_the_lease()
     assert_eq!(endpoint.hits().len(), 1, "delivered once, recorded once");
     service.stop().await;
 }
+
+/// Found: two rows with the same tracking_id were both accepted and sent with one
+/// `message_id`, so a consumer deduping on it dropped a real event. Now the second is
+/// refused with SQLSTATE 23505, in one INSERT or across two, while a redrive (which
+/// keeps its tracking_id) still goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_tracking_id_is_refused_like_a_unique_index_would() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let service = start(support::config(&db, &broker)).await;
+    let producer = db.client().await;
+    let first = enqueue(&producer, &event("order.created", 1))
+        .await
+        .unwrap();
+    let insert =
+        "INSERT INTO outbox (tracking_id, aggregate_type, aggregate_id, event_type, payload)
+                  VALUES ($1, 'order', '2', 'order.created', '{}')";
+    let refused = producer.execute(insert, &[&first]).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION),
+        "{refused:?}"
+    );
+    let twice = Uuid::new_v4();
+    let refused = producer
+        .execute(
+            "INSERT INTO outbox (tracking_id, aggregate_type, aggregate_id, event_type, payload)
+             VALUES ($1, 'order', '3', 'order.created', '{}'), ($1, 'order', '4', 'order.created', '{}')",
+            &[&twice],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+    );
+    let received = broker.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(received.len(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(broker.count(), 1, "only the first row exists and was sent");
+    assert_eq!(db.count("PUBLISHED").await, 1);
+
+    // A redrive keeps the tracking_id and is not refused.
+    producer
+        .batch_execute("UPDATE outbox SET status = 'DEAD_LETTER', last_error = 'test'")
+        .await
+        .unwrap();
+    let id: i64 = producer
+        .query_one("SELECT id FROM outbox WHERE tracking_id = $1", &[&first])
+        .await
+        .unwrap()
+        .get(0);
+    let redriven = service
+        .store()
+        .redrive(&[id], "fixed", "test")
+        .await
+        .unwrap();
+    assert_eq!(redriven, vec![id]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_of(&db, first).await != "PUBLISHED" {
+        assert!(
+            Instant::now() < deadline,
+            "the redriven event was not claimed again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    service.stop().await;
+}

@@ -425,3 +425,43 @@ async fn under_load_outboxd_enters_drain_mode_and_leaves_it_without_losing_an_ev
     assert!(db.wait_settled(Duration::from_secs(5)).await);
     service.stop().await;
 }
+
+/// Found: an instance that started (or restarted after SIGTERM or kill -9) and found
+/// notify mode never waited for the horizon: a producer that read drain mode before the
+/// restart and committed after it was delivered only by the safety sweep (27.9 s). Every
+/// start now runs one horizon wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e_a_producer_that_read_drain_before_a_restart_is_delivered_after_it() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let config = config(&db, &broker);
+    let heard = Heard::listen(&db.url).await;
+    // Drain mode held by an instance that is gone by the time the new one starts.
+    let store = support::store(&config).await;
+    store
+        .enter_drain(OTHER, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut p = db.client().await;
+    let p_tx = p.transaction().await.unwrap();
+    let (id, tracking) = insert(&p_tx, "e").await;
+    let s = db.client().await;
+    assert_eq!(s.execute(LEAVE, &[&OTHER]).await.unwrap(), 1);
+
+    let service = start(config).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        service.metrics().high_load_mode.get(),
+        2,
+        "the new instance went to notify mode while P, which read drain mode, was open"
+    );
+    p_tx.commit().await.unwrap();
+    assert_delivered(&broker, &tracking).await;
+    assert!(
+        !heard.listed(id),
+        "P's trigger notified: {:?}",
+        heard.payloads()
+    );
+    assert_claiming_ends(&service).await;
+    service.stop().await;
+}

@@ -11,8 +11,7 @@ pub struct Migration {
     pub name: &'static str,
     /// What it adds, for an error that says what is missing.
     pub adds: &'static str,
-    /// A SQL condition that holds once it was applied (by outboxd or by hand); `false`
-    /// for a migration that only changes data.
+    /// A SQL condition that holds once it was applied (by outboxd or by hand).
     pub present: &'static str,
     pub sql: &'static str,
 }
@@ -57,9 +56,17 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 5,
         name: "redact_stored_urls",
-        present: "false",
+        // Data only, and safe to run twice: counted as applied with the ones before it.
+        present: "true",
         adds: "URLs in stored errors without path or query",
         sql: include_str!("../../migrations/0005_redact_stored_urls.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "unique_tracking_ids",
+        present: "to_regclass('outbox_tracking_ids') IS NOT NULL",
+        adds: "table outbox_tracking_ids",
+        sql: include_str!("../../migrations/0006_unique_tracking_ids.sql"),
     },
 ];
 
