@@ -1,15 +1,12 @@
--- claim_due: lease due PENDING events whatever their id (the reconnect, safety and retry
--- sweeps). $1 limit int8, $2 grace seconds float8 (only rows due at least that long ago),
--- $3 lease seconds float8, $4 lock_token uuid, $5 retries_only bool: only events a failed
--- or deferred attempt rescheduled (they carry last_error), so the retry timer never takes
--- a new event whose notification is on its way, and the safety sweep's count stays a
--- true count of lost notifications. Reads the partial index on due PENDING rows.
+-- claim_due: lease due PENDING events whatever their id (the reconnect, safety and
+-- drain sweeps). $1 limit int8, $2 grace seconds float8 (only rows due at least that long
+-- ago), $3 lease seconds float8, $4 lock_token uuid. Reads the partial index on due
+-- PENDING rows. (The retry timer has its own statement: claim_due_retries.sql.)
 WITH picked AS (
     SELECT id, created_at
       FROM outbox
      WHERE status = 'PENDING'
        AND next_attempt_at <= now() - make_interval(secs => $2::float8)
-       AND (NOT $5::bool OR last_error IS NOT NULL)
      ORDER BY next_attempt_at
      LIMIT $1
        FOR UPDATE SKIP LOCKED

@@ -713,3 +713,203 @@ async fn a_repeated_tracking_id_is_refused_like_a_unique_index_would() {
     }
     service.stop().await;
 }
+
+/// Found (item 2, the circuit part): the circuit was asked once per batch and told
+/// after the batch, so against an endpoint that never answers one batch of events was
+/// sent whole, each waiting its timeout and each charged an attempt. Now each request
+/// asks it: at most `failures_to_open` + `max_in_flight` events are charged per opening.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_endpoint_charges_few_events_before_its_circuit_opens() {
+    const EVENTS: usize = 40;
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let silent = Endpoint::start(|_: &Hit| Reply::silent()).await;
+    let mut config = support::config(&db, &broker);
+    let mut webhook = WebhookConfig::new(silent.url(), SECRET);
+    webhook.timeout = Duration::from_secs(1);
+    webhook.max_in_flight = 4;
+    webhook.failures_to_open = 3;
+    webhook.cool_down = Duration::from_secs(30);
+    config.webhooks.insert("silent".into(), webhook);
+    config.routing.routes = vec![route(&["*"], &["webhook:silent"])];
+    let service = start(config).await;
+    let producer = db.client().await;
+    let events: Vec<NewEvent> = (0..EVENTS).map(|n| event("order.created", n)).collect();
+    outboxd::enqueue_many(&producer, &events).await.unwrap();
+    let started = Instant::now();
+    // The whole batch is settled (retried or deferred) long before 40 timeouts / 4.
+    while db.count("PENDING").await < EVENTS as i64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "the batch is still being sent after {:?} ({} requests)",
+            started.elapsed(),
+            silent.hits().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let charged: i64 = producer
+        .query_one("SELECT count(*) FROM outbox WHERE attempts > 0", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        charged <= 3 + 4,
+        "{charged} events charged an attempt (at most failures_to_open + max_in_flight)"
+    );
+    assert!(
+        silent.hits().len() <= 3 + 4,
+        "{} requests",
+        silent.hits().len()
+    );
+    service.stop().await;
+}
+
+/// Found: a confirm timeout threw away the confirms that did arrive (one timeout around
+/// the whole batch), so events the broker had stored were sent again. Now each confirm
+/// counts by one deadline. Through a proxy with a slow uplink, a small event's confirm
+/// arrives at once while a large one after it is still on its way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirms_that_arrived_before_a_timeout_still_count() {
+    let broker = TestBroker::new(Some("#")).await;
+    let proxy = support::proxy::CountingProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let mut config = outboxd::Config::default();
+    config.rabbitmq.url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    config.rabbitmq.exchange = broker.exchange.clone();
+    config.rabbitmq.declare_exchange = false;
+    config.rabbitmq.confirm_timeout = Duration::from_secs(1);
+    let sink = outboxd::sink::build(
+        &config.destinations(),
+        &["rabbitmq".into()],
+        &outboxd::metrics::Metrics::new(),
+    )
+    .unwrap()
+    .pop()
+    .unwrap();
+    sink.connect().await.unwrap();
+    // 4 MiB through 16 KiB chunks 10 ms apart: about 2.5 s, past the confirm timeout.
+    proxy.pace_uploads(Duration::from_millis(10));
+    let event = |payload: String| outboxd::Event {
+        id: 1,
+        created_at: std::time::SystemTime::now(),
+        tracking_id: Uuid::new_v4(),
+        aggregate_type: "order".into(),
+        aggregate_id: "1".into(),
+        event_type: "order.created".into(),
+        payload,
+        metadata: json!({}),
+        attempts: 1,
+        max_attempts: None,
+        delivered_to: vec![],
+    };
+    let small = event("{}".into());
+    let large = event(format!("\"{}\"", "x".repeat(4 * 1024 * 1024)));
+    let outcomes = sink.deliver(&[small.clone(), large]).await;
+    assert_eq!(
+        outcomes[0],
+        outboxd::Outcome::Delivered,
+        "the small event's confirm arrived in time: {:?}",
+        outcomes[0]
+    );
+    assert!(
+        matches!(&outcomes[1], outboxd::Outcome::Retry { reason, .. } if reason.contains("no publisher confirm")),
+        "{:?}",
+        outcomes[1]
+    );
+    let received = broker.wait_for(1, Duration::from_secs(5)).await;
+    assert_eq!(received[0].message_id, small.tracking_id.to_string());
+}
+
+/// Found (item 10, the retry claim): the retry timer's claim filtered rescheduled rows
+/// out of the index of every due PENDING row, so it read the whole due backlog (34-56 ms
+/// with 300,000 due new events, 970 ms under a generic plan). Now a partial index holds
+/// only rescheduled rows, built on every partition without blocking producers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_claim_reads_only_rescheduled_events_through_their_own_index() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let valid = async || -> (bool, i64) {
+        let row = client
+            .query_one(
+                "SELECT (SELECT indisvalid FROM pg_index WHERE indexrelid = 'outbox_retry_due_idx'::regclass),
+                        (SELECT count(*) FROM pg_inherits i
+                          WHERE i.inhparent = 'outbox'::regclass
+                            AND NOT EXISTS (SELECT 1 FROM pg_inherits ii JOIN pg_index x ON x.indexrelid = ii.inhrelid
+                                             WHERE ii.inhparent = 'outbox_retry_due_idx'::regclass
+                                               AND x.indrelid = i.inhrelid))",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(valid().await, (true, 0), "valid, on every partition");
+    // Partitions attached later get it too.
+    let broker = TestBroker::new(None).await;
+    let store = support::store(&support::config(&db, &broker)).await;
+    let report = store.ensure_partitions(14).await.unwrap();
+    assert!(!report.created.is_empty());
+    assert_eq!(
+        valid().await,
+        (true, 0),
+        "still valid with the new partitions"
+    );
+
+    // A backlog of due new events and a few due retries.
+    client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             SELECT 'order', g::text, 'order.created', '{}' FROM generate_series(1, 50000) g;
+             UPDATE outbox SET last_error = 'HTTP 503', next_attempt_at = now() - interval '1 s'
+              WHERE id IN (SELECT id FROM outbox ORDER BY id DESC LIMIT 10);
+             ANALYZE outbox;",
+        )
+        .await
+        .unwrap();
+    let claim = include_str!("../sql/claim_due_retries.sql");
+    let mut explaining = db.client().await;
+    let tx = explaining.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "SET LOCAL plan_cache_mode = force_generic_plan;
+         PREPARE retries(int8, float8, uuid) AS {claim}"
+    ))
+    .await
+    .unwrap();
+    let plan: String = tx
+        .query_one(
+            "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE retries(500, 60, gen_random_uuid())",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, serde_json::Value>(0)
+        .to_string();
+    tx.rollback().await.unwrap();
+    // Each partition's part of the index (built by migrate, or on ATTACH).
+    let parts: Vec<String> = client
+        .query(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+              WHERE i.inhparent = 'outbox_retry_due_idx'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        parts
+            .iter()
+            .any(|part| plan.contains(&format!("\"Index Name\":\"{part}\""))),
+        "the claim does not read the index of rescheduled rows ({parts:?}): {plan}"
+    );
+    let removed = plan
+        .split("\"Rows Removed by Filter\":")
+        .skip(1)
+        .filter_map(|rest| rest.split([',', '}']).next()?.trim().parse::<i64>().ok())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        removed <= 100,
+        "the claim read past {removed} rows it did not want: {plan}"
+    );
+}

@@ -146,6 +146,7 @@ async fn metrics_pass_promtool_and_counters_move_by_the_right_amounts() {
     );
 
     let service = start(config).await;
+    support::wait_started(&service).await;
     let metrics = service.metrics().clone();
     for n in 1..DELIVERED {
         enqueue(

@@ -592,6 +592,7 @@ async fn safety_sweep_recovers_an_event_whose_notification_was_lost() {
     config.relay.safety_sweep_interval = Duration::from_secs(1);
     config.relay.safety_sweep_grace = Duration::from_millis(500);
     let service = start(config).await;
+    support::wait_started(&service).await;
     let producer = db.client().await;
     let tracking_id = insert_unannounced(&producer).await;
 

@@ -24,6 +24,10 @@ pub(super) struct BatchReport {
 
 /// The longest wait between two tries of an outcome statement.
 const WRITE_MAX_WAIT: Duration = Duration::from_secs(2);
+/// An outcome statement is tried for at least this long, even past the lease: a late
+/// write is harmless (the lease fence refuses it if another owner took over) and still
+/// saves a re-delivery when nobody did.
+const WRITE_MIN_WINDOW: Duration = Duration::from_secs(6);
 
 impl Deliverer {
     pub(super) async fn record(
@@ -200,8 +204,9 @@ impl Deliverer {
 
     /// Records one kind of outcome for `expected` events and counts those the lease fence
     /// refused (invariant 3). While the database does not answer (a restart, a failover)
-    /// it keeps trying as long as the lease lasts, renewing the lease whenever the
-    /// database answers again: every outcome that lands saves a re-delivery. One that
+    /// it keeps trying as long as the lease lasts (and at least `WRITE_MIN_WINDOW`),
+    /// renewing the lease whenever the database answers again: every outcome that lands
+    /// saves a re-delivery. One that
     /// still fails leaves the events leased: the reaper returns them and they are
     /// delivered again. A retry after a lost reply finds the rows already updated and is
     /// counted as fenced.
@@ -219,9 +224,13 @@ impl Deliverer {
             return;
         }
         let mut backoff = Backoff::new(Duration::from_millis(200), WRITE_MAX_WAIT);
+        let at_least_until = Instant::now() + WRITE_MIN_WINDOW;
         let written = loop {
             match statement().await {
-                Err(error) if error.is_transient() && Instant::now() < *lease.until => {
+                Err(error)
+                    if error.is_transient()
+                        && Instant::now() < (*lease.until).max(at_least_until) =>
+                {
                     let wait = backoff.failed();
                     tracing::warn!(verb, %error, retry_in_ms = wait.as_millis() as u64, "could not record outcome; retrying while the lease lasts");
                     tokio::time::sleep(wait).await;

@@ -33,6 +33,12 @@ pub trait Sink: Send + Sync {
         Box::pin(async { Ok(()) })
     }
 
+    /// `Some(n)`: the destination takes one event per request, at most `n` at a time, so
+    /// its circuit is asked before each request rather than once per batch.
+    fn concurrency(&self) -> Option<usize> {
+        None
+    }
+
     /// Whether the destination takes deliveries now; `Err` says why not (readiness).
     fn available(&self) -> Result<(), String> {
         Ok(())

@@ -3,6 +3,8 @@
 //! do not race: the second waits, then finds nothing left to do.
 
 use super::{StoreError, error_text};
+use crate::retry::Backoff;
+use std::time::Duration;
 
 /// One embedded migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +70,22 @@ pub const MIGRATIONS: &[Migration] = &[
         adds: "table outbox_tracking_ids",
         sql: include_str!("../../migrations/0006_unique_tracking_ids.sql"),
     },
+    Migration {
+        version: 7,
+        name: "retry_due_index",
+        present: "to_regclass('outbox_retry_due_idx') IS NOT NULL",
+        adds: "index outbox_retry_due_idx",
+        sql: include_str!("../../migrations/0007_retry_due_index.sql"),
+    },
 ];
+
+/// Indexes of the partitioned outbox that migrations create on the parent alone and
+/// `run` builds on each partition without blocking producers: (parent index, what each
+/// partition's index covers).
+const PARTITION_INDEXES: &[(&str, &str)] = &[(
+    "outbox_retry_due_idx",
+    "(next_attempt_at) WHERE status = 'PENDING' AND last_error IS NOT NULL",
+)];
 
 /// The advisory lock key migrations (and partition maintenance) take: "outboxd" in ASCII.
 pub const ADVISORY_LOCK_KEY: i64 = 0x006f_7574_626f_7864;
@@ -189,7 +206,131 @@ pub async fn run(client: &mut tokio_postgres::Client) -> Result<Vec<Migration>, 
         .map_err(StoreError::query("migrate"));
     let applied = result?;
     unlock?;
+    // Not under the lock above: CREATE INDEX CONCURRENTLY waits for every statement
+    // running in the database, a migrate waiting for that lock included. One migrate at
+    // a time builds (two builds of one partition deadlock); another finds the lock taken
+    // and leaves it to the first.
+    let building: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&INDEX_LOCK_KEY])
+        .await
+        .map_err(StoreError::query("migrate"))?
+        .get(0);
+    if building {
+        let built = index_partitions(client).await;
+        client
+            .execute("SELECT pg_advisory_unlock($1)", &[&INDEX_LOCK_KEY])
+            .await
+            .map_err(StoreError::query("migrate"))?;
+        built?;
+    } else {
+        tracing::info!("another migrate is building the partition indexes");
+    }
     Ok(applied)
+}
+
+/// Partitions up to this many pages (8 MiB) are indexed with a plain CREATE INDEX.
+const SMALL_PARTITION_PAGES: i32 = 1024;
+
+/// A deadlock or a lock timeout: the statement may pass when tried again.
+fn is_lock_conflict(error: &tokio_postgres::Error) -> bool {
+    error
+        .code()
+        .is_some_and(|c| c.code() == "40P01" || c.code() == "55P03")
+}
+
+/// Builds `index` on `partition` (dropping an invalid one a failed concurrent build left)
+/// and attaches it to `parent`.
+async fn build_index(
+    client: &tokio_postgres::Client,
+    parent: &str,
+    index: &str,
+    partition: &str,
+    definition: &str,
+    concurrently: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let invalid: bool = client
+        .query_one(
+            "SELECT coalesce((SELECT NOT indisvalid FROM pg_index
+                               WHERE indexrelid = to_regclass($1)), false)",
+            &[&index],
+        )
+        .await?
+        .get(0);
+    if invalid {
+        client
+            .batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {index}"))
+            .await?;
+    }
+    client
+        .batch_execute(&format!(
+            "CREATE INDEX {concurrently}IF NOT EXISTS {index} ON {partition} {definition}"
+        ))
+        .await?;
+    client
+        .batch_execute(&format!("ALTER INDEX {parent} ATTACH PARTITION {index}"))
+        .await
+}
+
+/// The advisory lock of the partition index builds: "outboxi" in ASCII.
+const INDEX_LOCK_KEY: i64 = 0x006f_7574_626f_7869;
+
+/// Builds each index in [`PARTITION_INDEXES`] on every partition that lacks it, with
+/// CREATE INDEX CONCURRENTLY (producers go on inserting), and attaches it to the parent's
+/// index, which becomes valid once every partition has its own. Outside any transaction;
+/// each step can be run again (a build that failed half-way leaves an invalid index,
+/// which is dropped and built again).
+pub async fn index_partitions(client: &tokio_postgres::Client) -> Result<(), StoreError> {
+    for (parent, definition) in PARTITION_INDEXES {
+        let missing = client
+            .query(
+                "SELECT c.relname, c.relpages
+                   FROM pg_inherits i
+                   JOIN pg_class c ON c.oid = i.inhrelid
+                  WHERE i.inhparent = 'outbox'::regclass
+                    AND NOT EXISTS (
+                        SELECT 1 FROM pg_inherits ii
+                          JOIN pg_index x ON x.indexrelid = ii.inhrelid
+                         WHERE ii.inhparent = to_regclass($1) AND x.indrelid = c.oid)
+                  ORDER BY c.relname",
+                &[parent],
+            )
+            .await
+            .map_err(StoreError::query("index_partitions"))?;
+        for row in missing {
+            let partition: String = row.get(0);
+            let pages: i32 = row.get(1);
+            // Partition names come from the catalog (outbox_pYYYYMMDD, outbox_default).
+            let index = format!("{partition}_{}", parent.trim_start_matches("outbox_"));
+            // A small partition is indexed at once (its brief lock costs producers
+            // milliseconds); a large one concurrently. Either may lose a deadlock to a
+            // partition being attached at the same time: then it is tried again.
+            let concurrently = if pages > SMALL_PARTITION_PAGES {
+                "CONCURRENTLY "
+            } else {
+                ""
+            };
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+            loop {
+                let built =
+                    build_index(client, parent, &index, &partition, definition, concurrently).await;
+                match built {
+                    Err(error) if is_lock_conflict(&error) && backoff.failures() < 5 => {
+                        tracing::warn!(%partition, error = %error_text(&error), "partition index build lost a lock conflict; trying again");
+                        tokio::time::sleep(backoff.failed()).await;
+                    }
+                    Err(error) => {
+                        return Err(StoreError::Query {
+                            statement: "index_partitions",
+                            source: error,
+                        });
+                    }
+                    Ok(()) => break,
+                }
+            }
+            tracing::info!(%partition, %index, "partition index built");
+        }
+    }
+    Ok(())
 }
 
 async fn apply_pending(client: &mut tokio_postgres::Client) -> Result<Vec<Migration>, StoreError> {

@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 const CLAIM_IDS: &str = include_str!("../../sql/claim_ids.sql");
 const CLAIM_DUE: &str = include_str!("../../sql/claim_due.sql");
+const CLAIM_DUE_RETRIES: &str = include_str!("../../sql/claim_due_retries.sql");
 const COMPLETE: &str = include_str!("../../sql/complete.sql");
 const SCHEDULE_RETRY: &str = include_str!("../../sql/schedule_retry.sql");
 const BURY: &str = include_str!("../../sql/bury.sql");
@@ -281,7 +282,19 @@ impl Store {
         grace: Duration,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        self.claim_due_where(limit, grace, lease, false).await
+        let token = Uuid::new_v4();
+        self.claim_with(
+            "claim_due",
+            CLAIM_DUE,
+            token,
+            &[
+                &(limit as i64),
+                &grace.as_secs_f64(),
+                &lease.as_secs_f64(),
+                &token,
+            ],
+        )
+        .await
     }
 
     /// claim: lease up to `limit` due retries (events a failed or deferred attempt
@@ -291,36 +304,32 @@ impl Store {
         limit: usize,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        self.claim_due_where(limit, Duration::ZERO, lease, true)
-            .await
+        let token = Uuid::new_v4();
+        self.claim_with(
+            "claim_due_retries",
+            CLAIM_DUE_RETRIES,
+            token,
+            &[&(limit as i64), &lease.as_secs_f64(), &token],
+        )
+        .await
     }
 
-    async fn claim_due_where(
+    async fn claim_with(
         &self,
-        limit: usize,
-        grace: Duration,
-        lease: Duration,
-        retries_only: bool,
+        verb: &'static str,
+        sql: &str,
+        token: Uuid,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Claim, StoreError> {
-        let token = Uuid::new_v4();
         let client = self.client().await?;
         let statement = client
-            .prepare_cached(CLAIM_DUE)
+            .prepare_cached(sql)
             .await
-            .map_err(StoreError::query("claim_due"))?;
+            .map_err(StoreError::query(verb))?;
         let rows = client
-            .query(
-                &statement,
-                &[
-                    &(limit as i64),
-                    &grace.as_secs_f64(),
-                    &lease.as_secs_f64(),
-                    &token,
-                    &retries_only,
-                ],
-            )
+            .query(&statement, params)
             .await
-            .map_err(StoreError::query("claim_due"))?;
+            .map_err(StoreError::query(verb))?;
         Ok(Claim {
             lock_token: token,
             events: rows.iter().map(event_from_row).collect(),

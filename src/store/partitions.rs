@@ -66,8 +66,10 @@ pub async fn ensure(
                 Ok(false) => break,
                 Err(error) => {
                     let code = error.code().map(|c| c.code().to_string());
-                    if code.as_deref() == Some("55P03") && backoff.failures() + 1 < ATTACH_TRIES {
-                        // lock_timeout: a long transaction holds the table; try again.
+                    let conflict = matches!(code.as_deref(), Some("55P03") | Some("40P01"));
+                    if conflict && backoff.failures() + 1 < ATTACH_TRIES {
+                        // lock_timeout (a long transaction holds the table) or a deadlock
+                        // lost to an index build: try again.
                         tokio::time::sleep(backoff.failed()).await;
                         continue;
                     }

@@ -495,6 +495,20 @@ pub async fn start(config: Config) -> outboxd::Outboxd {
     service
 }
 
+/// Waits until the instance's start-up claiming ended (the horizon wait every start
+/// runs claims whatever is due), so that only the push path and the sweeps a test
+/// counts deliver what comes next.
+pub async fn wait_started(service: &outboxd::Outboxd) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while service.metrics().high_load_mode.get() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the start-up horizon wait did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A store on `db`, for tests that act as a (crashing) worker.
 pub async fn store(config: &Config) -> Store {
     Store::connect(&config.database).await.unwrap()

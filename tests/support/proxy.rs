@@ -16,6 +16,8 @@ pub struct CountingProxy {
     connections: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     refusing: Arc<std::sync::atomic::AtomicBool>,
     stalled: Arc<std::sync::atomic::AtomicBool>,
+    /// Microseconds each chunk from a client waits before it is passed on (0: none).
+    pace: Arc<AtomicU64>,
 }
 
 impl CountingProxy {
@@ -52,6 +54,8 @@ impl CountingProxy {
         let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tracked, refuse) = (Arc::clone(&connections), Arc::clone(&refusing));
         let stall = Arc::clone(&stalled);
+        let pace = Arc::new(AtomicU64::new(0));
+        let paced = Arc::clone(&pace);
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if refuse.load(Ordering::SeqCst) {
@@ -60,9 +64,10 @@ impl CountingProxy {
                 }
                 let counter = Arc::clone(&counter);
                 let stall = Arc::clone(&stall);
+                let paced = Arc::clone(&paced);
                 let handle = tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(upstream).await {
-                        pipe(client, server, counter, latency, stall).await;
+                        pipe(client, server, counter, latency, stall, paced).await;
                     }
                 });
                 tracked.lock().unwrap().push(handle.abort_handle());
@@ -75,7 +80,16 @@ impl CountingProxy {
             connections,
             refusing,
             stalled,
+            pace,
         }
+    }
+
+    /// From now on, every chunk (up to 16 KiB) a client sends waits `per_chunk` before
+    /// it is passed on: a slow uplink, so a large message takes long to arrive while
+    /// small ones still pass quickly.
+    pub fn pace_uploads(&self, per_chunk: std::time::Duration) {
+        self.pace
+            .store(per_chunk.as_micros() as u64, Ordering::SeqCst);
     }
 
     /// Drops every open connection (both ends see it close).
@@ -127,6 +141,7 @@ async fn pipe(
     counter: Arc<AtomicU64>,
     latency: std::time::Duration,
     stalled: Arc<std::sync::atomic::AtomicBool>,
+    pace: Arc<AtomicU64>,
 ) {
     let stalled_down = Arc::clone(&stalled);
     let (mut client_read, mut client_write) = client.into_split();
@@ -140,6 +155,10 @@ async fn pipe(
                 Ok(n) => n,
             };
             parser.feed(&buf[..n], &counter);
+            let wait = pace.load(Ordering::SeqCst);
+            if wait > 0 {
+                tokio::time::sleep(std::time::Duration::from_micros(wait)).await;
+            }
             hold_while(&stalled).await;
             if server_write.write_all(&buf[..n]).await.is_err() {
                 break;

@@ -61,6 +61,7 @@ pub struct WebhookSink {
     timeout: Duration,
     client: reqwest::Client,
     in_flight: Semaphore,
+    max_in_flight: usize,
 }
 
 impl WebhookSink {
@@ -98,6 +99,7 @@ impl WebhookSink {
             timeout: config.timeout,
             client,
             in_flight: Semaphore::new(config.max_in_flight),
+            max_in_flight: config.max_in_flight,
         })
     }
 
@@ -213,6 +215,10 @@ impl Sink for WebhookSink {
 
     fn deliver<'a>(&'a self, events: &'a [Event]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(join_all(events.iter().map(|event| self.post(event))))
+    }
+
+    fn concurrency(&self) -> Option<usize> {
+        Some(self.max_in_flight)
     }
 }
 
