@@ -69,6 +69,8 @@ pub struct HighLoad {
     next_poll: Instant,
     /// The horizon wait every start runs has not ended yet (it is no switch of mode).
     starting: bool,
+    /// Shutting down: never enter drain mode again.
+    stopping: bool,
 }
 
 impl HighLoad {
@@ -98,6 +100,7 @@ impl HighLoad {
             recheck: false,
             next_poll: Instant::now(),
             starting: true,
+            stopping: false,
             config,
         }
     }
@@ -218,8 +221,12 @@ impl HighLoad {
         self.mode != Mode::Notify
     }
 
-    /// On shutdown: hand notifications back at once rather than when the lease lapses.
-    pub async fn stop(&mut self, store: &Store) {
+    /// On shutdown: hand notifications back at once rather than when the lease lapses,
+    /// and start leaving drain mode. Returns true when this instance should keep
+    /// claiming a while before it exits: a producer that read drain mode may still
+    /// commit, and no notification will announce it.
+    pub async fn stop(&mut self, store: &Store) -> bool {
+        self.stopping = true;
         if let Mode::Drain { holding: true, .. } = self.mode {
             match store.leave_drain(&self.holder).await {
                 Ok(_) => tracing::info!("left high-load (drain) mode on shutdown"),
@@ -229,6 +236,20 @@ impl HighLoad {
                 ),
             }
         }
+        match self.mode {
+            Mode::Notify => false,
+            Mode::Drain { .. } => {
+                self.leave_now();
+                true
+            }
+            Mode::Leaving { .. } => true,
+        }
+    }
+
+    /// Leaving drain mode: claims go on until the horizon passed. (Following another
+    /// instance in drain mode is not leaving: that instance keeps claiming.)
+    pub fn is_leaving(&self) -> bool {
+        matches!(self.mode, Mode::Leaving { .. })
     }
 
     /// What one second of load says.
@@ -236,13 +257,13 @@ impl HighLoad {
         let c = &self.config;
         match self.mode.clone() {
             Mode::Notify | Mode::Leaving { .. } => {
-                if c.enabled && rate >= c.enter_rate as f64 {
+                if c.enabled && !self.stopping && rate >= c.enter_rate as f64 {
                     self.enter(store, rate).await;
                 }
             }
             Mode::Drain { holding, .. } => {
                 if rate >= c.exit_rate as f64 {
-                    if holding {
+                    if holding && !self.stopping {
                         self.enter(store, rate).await;
                     }
                 } else if holding {

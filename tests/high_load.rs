@@ -465,3 +465,60 @@ async fn e_a_producer_that_read_drain_before_a_restart_is_delivered_after_it() {
     assert_claiming_ends(&service).await;
     service.stop().await;
 }
+
+/// Found (with e): `stop()` committed notify mode and exited without the horizon wait,
+/// so a producer that read drain mode before a SIGTERM and committed after it waited for
+/// whichever instance started next. Now a stopping instance that leaves drain mode keeps
+/// claiming, within `relay.shutdown_grace`, until no such producer can still commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f_an_instance_stopping_in_drain_mode_delivers_what_producers_commit_meanwhile() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let mut config = config(&db, &broker);
+    config.high_load.enter_rate = 100;
+    config.high_load.exit_rate = 50;
+    config.relay.shutdown_grace = Duration::from_secs(5);
+    let service = start(config).await;
+    support::wait_started(&service).await;
+    let load = Producer::start(&db.url, 20_000, 1).await;
+    wait_mode(&service, 1, Duration::from_secs(10)).await;
+    // P reads drain mode (its trigger skips NOTIFY) and stays open.
+    let mut p = db.client().await;
+    let p_tx = p.transaction().await.unwrap();
+    let (_, tracking) = insert(&p_tx, "f").await;
+    let drain: bool = db
+        .client()
+        .await
+        .query_one("SELECT mode = 'drain' FROM outbox_mode", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(drain, "P inserted in drain mode");
+    let stopping = tokio::spawn(service.stop());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !stopping.is_finished(),
+        "the instance exited while P, which read drain mode, was open"
+    );
+    p_tx.commit().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("the stop ends within the grace")
+        .unwrap();
+    let status: String = db
+        .client()
+        .await
+        .query_one(
+            "SELECT status FROM outbox WHERE tracking_id::text = $1",
+            &[&tracking],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    load.abort();
+    assert_eq!(
+        status, "PUBLISHED",
+        "P's event was delivered before the instance exited"
+    );
+    assert_delivered(&broker, &tracking).await;
+}

@@ -124,30 +124,51 @@ impl Relay {
         let every = self.deliverer.relay.safety_sweep_interval;
         let mut safety = interval_at(Instant::now() + every, every);
         safety.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Set on shutdown while drain mode is being left: claims go on (within
+        // `shutdown_grace`) until no producer that read drain mode can still commit.
+        let mut stopping: Option<Instant> = None;
+        let mut wakes_open = true;
         loop {
-            if shutdown.is_cancelled() {
-                break;
+            if stopping.is_none() && shutdown.is_cancelled() {
+                if !self.high_load.stop(&self.deliverer.store).await {
+                    break;
+                }
+                tracing::info!(
+                    "shutting down: claiming until every producer that read drain mode has committed"
+                );
+                stopping = Some(Instant::now() + self.deliverer.relay.shutdown_grace);
             }
             self.fill().await;
+            // Leaving ended with one more claim (just made), or the grace is over.
+            if let Some(deadline) = stopping
+                && (!self.high_load.is_leaving() || Instant::now() >= deadline)
+            {
+                break;
+            }
             let far = Instant::now() + Duration::from_secs(86_400);
             let next_retry = self.inbox.next_retry();
             let claims_blocked_until = self.claims_blocked_until;
             let high_load_at = self.high_load.next_wake();
+            let stop_at = stopping;
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled(), if stop_at.is_none() => continue,
+                _ = sleep_until(stop_at.unwrap_or(far)), if stop_at.is_some() => {}
                 Some(done) = self.in_flight.join_next_with_id(), if !self.in_flight.is_empty() => {
                     self.finished(done).await;
                 }
-                wake = self.wakes.recv() => match wake {
+                wake = self.wakes.recv(), if wakes_open => match wake {
                     Some(wake) => {
                         self.inbox.absorb(wake, &mut self.high_load);
                         self.take_waiting();
                     }
                     None => {
-                        // Every sender is gone: only timers can wake us now.
-                        shutdown.cancelled().await;
-                        break;
+                        // Every sender is gone (the listener and the reaper end on
+                        // shutdown): only timers can wake us now.
+                        wakes_open = false;
+                        if stop_at.is_none() {
+                            shutdown.cancelled().await;
+                        }
                     }
                 },
                 _ = sleep_until(next_retry.unwrap_or(far)), if next_retry.is_some() => {
@@ -164,7 +185,9 @@ impl Relay {
                 _ = safety.tick() => self.inbox.request(Sweep::Safety),
             }
         }
-        self.shut_down().await;
+        let deadline =
+            stopping.unwrap_or_else(|| Instant::now() + self.deliverer.relay.shutdown_grace);
+        self.shut_down(deadline).await;
     }
 
     /// Takes in every wake-up already waiting, without blocking.
@@ -239,9 +262,9 @@ impl Relay {
         }
     }
 
-    async fn shut_down(mut self) {
+    /// Lets in-flight deliveries finish until `deadline`, then releases what is left.
+    async fn shut_down(mut self, deadline: Instant) {
         self.high_load.stop(&self.deliverer.store).await;
-        let deadline = Instant::now() + self.deliverer.relay.shutdown_grace;
         if !self.in_flight.is_empty() {
             tracing::info!(
                 batches = self.in_flight.len(),
