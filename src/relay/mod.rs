@@ -263,8 +263,8 @@ impl Relay {
     }
 
     /// Lets in-flight deliveries finish until `deadline`, then releases what is left.
+    /// (High-load mode was handed back when the shutdown began: `HighLoad::stop`.)
     async fn shut_down(mut self, deadline: Instant) {
-        self.high_load.stop(&self.deliverer.store).await;
         if !self.in_flight.is_empty() {
             tracing::info!(
                 batches = self.in_flight.len(),

@@ -37,7 +37,6 @@ impl Deliverer {
         per_destination: &Outcomes,
         leased_until: Instant,
     ) -> BatchReport {
-        let mut leased_until = leased_until;
         let mut complete = Vec::new();
         let mut retry = Vec::new();
         let mut bury = Vec::new();
@@ -96,7 +95,7 @@ impl Deliverer {
         let mut lease = Lease {
             lock_token,
             events,
-            until: &mut leased_until,
+            until: leased_until,
         };
         self.write("complete", complete.len(), &mut lease, || {
             self.store.complete(lock_token, &complete)
@@ -121,6 +120,11 @@ impl Deliverer {
         events: &[Event],
     ) -> BatchReport {
         self.metrics.unrouted.inc_by(events.len() as u64);
+        let mut lease = Lease {
+            lock_token,
+            events,
+            until: Instant::now() + self.relay.lease,
+        };
         match policy {
             Unrouted::DeadLetter => {
                 let bury: Vec<BuryItem> = events
@@ -136,12 +140,6 @@ impl Deliverer {
                     })
                     .collect();
                 tracing::warn!(events = bury.len(), "unrouted events moved to dead letters");
-                let mut until = Instant::now() + self.relay.lease;
-                let mut lease = Lease {
-                    lock_token,
-                    events,
-                    until: &mut until,
-                };
                 self.write("bury", bury.len(), &mut lease, || {
                     self.store.bury(lock_token, &bury)
                 })
@@ -156,12 +154,6 @@ impl Deliverer {
                         acked: Vec::new(),
                     })
                     .collect();
-                let mut until = Instant::now() + self.relay.lease;
-                let mut lease = Lease {
-                    lock_token,
-                    events,
-                    until: &mut until,
-                };
                 self.write("complete", complete.len(), &mut lease, || {
                     self.store.complete(lock_token, &complete)
                 })
@@ -228,14 +220,13 @@ impl Deliverer {
         let written = loop {
             match statement().await {
                 Err(error)
-                    if error.is_transient()
-                        && Instant::now() < (*lease.until).max(at_least_until) =>
+                    if error.is_transient() && Instant::now() < lease.until.max(at_least_until) =>
                 {
                     let wait = backoff.failed();
                     tracing::warn!(verb, %error, retry_in_ms = wait.as_millis() as u64, "could not record outcome; retrying while the lease lasts");
                     tokio::time::sleep(wait).await;
                     if let Some(until) = self.renew(lease.lock_token, lease.events).await {
-                        *lease.until = until;
+                        lease.until = until;
                     }
                 }
                 other => break other,
@@ -266,5 +257,6 @@ impl Deliverer {
 pub(super) struct Lease<'a> {
     lock_token: Uuid,
     events: &'a [Event],
-    until: &'a mut Instant,
+    /// When the lease ends, as far as this task knows (pushed on by each renewal).
+    until: Instant,
 }
