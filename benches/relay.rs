@@ -316,7 +316,7 @@ impl Produced {
 }
 
 const INSERT: &str = "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
-                      VALUES ('order', $1, 'order.created', $2) RETURNING tracking_id";
+                      VALUES ('order', $1, $3, $2) RETURNING tracking_id";
 
 /// `connections` producers committing one event per transaction for `duration`: at full
 /// speed, or together at `rate` events/s (a producer that falls behind commits back to
@@ -326,6 +326,17 @@ async fn produce(
     connections: usize,
     rate: Option<f64>,
     duration: Duration,
+) -> Produced {
+    produce_typed(db, connections, rate, duration, "order.created").await
+}
+
+/// [`produce`], with events of `event_type`.
+async fn produce_typed(
+    db: &TestDb,
+    connections: usize,
+    rate: Option<f64>,
+    duration: Duration,
+    event_type: &'static str,
 ) -> Produced {
     let mut clients = Vec::new();
     for _ in 0..connections {
@@ -358,7 +369,7 @@ async fn produce(
                     let n = format!("{k}-{i}");
                     let payload = serde_json::json!({ "n": n, "total": 12.5 });
                     let row = client
-                        .query_one(&insert, &[&n, &payload])
+                        .query_one(&insert, &[&n, &payload, &event_type])
                         .await
                         .expect("insert");
                     let tracking: uuid::Uuid = row.get(0);
@@ -591,6 +602,64 @@ async fn webhook_drain(n: i64) -> (f64, bool) {
     (n as f64 / elapsed.as_secs_f64(), hits.len() >= n as usize)
 }
 
+/// The webhook beside RabbitMQ in the isolation scenario.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Beside {
+    /// No webhook events at all.
+    Nothing,
+    /// A webhook that answers every request after this long.
+    Slow(Duration),
+    /// A webhook that never answers (each request ends at its 10 s timeout).
+    Silent,
+}
+
+/// RabbitMQ-only events at `rate` for `duration`, beside webhook events (a tenth of the
+/// rate) to an endpoint that answers as `beside` says: commit-to-consumer latencies of
+/// the RabbitMQ events.
+async fn isolated_latency(beside: Beside, rate: f64, duration: Duration) -> Consumed {
+    use support::webhook::{Endpoint, Reply};
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let endpoint = Endpoint::start(move |_| match beside {
+        Beside::Nothing => Reply::ok(),
+        Beside::Slow(after) => Reply {
+            delay: Some(Some(after)),
+            ..Reply::ok()
+        },
+        Beside::Silent => Reply::silent(),
+    })
+    .await;
+    let mut config = config(&db, &broker);
+    let hook = outboxd::config::WebhookConfig::new(
+        endpoint.url(),
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    );
+    config.webhooks.insert("slow".into(), hook);
+    config.routing.routes = vec![
+        outboxd::config::RouteConfig {
+            event_types: vec!["slow.*".into()],
+            destinations: vec!["webhook:slow".into()],
+        },
+        outboxd::config::RouteConfig {
+            event_types: vec!["*".into()],
+            destinations: vec!["rabbitmq".into()],
+        },
+    ];
+    config.relay.shutdown_grace = Duration::from_secs(1);
+    let service = support::start(config).await;
+    support::wait_started(&service).await;
+    let rabbitmq = produce_typed(&db, 4, Some(rate), duration, "order.created");
+    let webhook = async {
+        if beside != Beside::Nothing {
+            produce_typed(&db, 1, Some(rate / 10.0), duration, "slow.created").await;
+        }
+    };
+    let (produced, ()) = tokio::join!(rabbitmq, webhook);
+    let consumed = consume(&broker, &produced, Duration::from_secs(60)).await;
+    service.stop().await;
+    consumed
+}
+
 /// Default settings, no events: statements outboxd sends per minute, counted on the
 /// wire by a proxy in front of PostgreSQL (every connection goes through it).
 async fn idle_cost(duration: Duration) -> (f64, bool) {
@@ -820,6 +889,46 @@ async fn run(s: &Settings) -> (Table, bool) {
                 "ev/s",
             );
         }
+    }
+
+    if s.wants("isolation") {
+        t.section(&format!(
+            "isolation: RabbitMQ-only events at {} events/s for {} s beside webhook events at a tenth of that, commit to consumer",
+            s.latency_rate / 2.0,
+            secs(s.latency_for)
+        ));
+        let mut p99 = Vec::new();
+        for (name, beside) in [
+            ("no webhook events", Beside::Nothing),
+            (
+                "beside a webhook answering in 5 s",
+                Beside::Slow(Duration::from_secs(5)),
+            ),
+            ("beside a webhook that never answers", Beside::Silent),
+        ] {
+            let consumed = isolated_latency(beside, s.latency_rate / 2.0, s.latency_for).await;
+            ok &= consumed.complete;
+            t.add(
+                format!("RabbitMQ p50, {name}"),
+                1,
+                quantile(&consumed.latencies, 0.5) * 1000.0,
+                "ms",
+            );
+            t.add(
+                format!("RabbitMQ p99, {name}"),
+                1,
+                quantile(&consumed.latencies, 0.99) * 1000.0,
+                "ms",
+            );
+            p99.push(quantile(&consumed.latencies, 0.99));
+        }
+        t.add("p99 beside a 5 s webhook / alone", 1, p99[1] / p99[0], "x");
+        t.add(
+            "p99 beside a silent webhook / alone",
+            1,
+            p99[2] / p99[0],
+            "x",
+        );
     }
 
     if s.wants("idle") {

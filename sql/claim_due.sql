@@ -1,12 +1,33 @@
 -- claim_due: lease due PENDING events whatever their id (the reconnect, safety and
 -- drain sweeps). $1 limit int8, $2 grace seconds float8 (only rows due at least that long
--- ago), $3 lease seconds float8, $4 lock_token uuid. Reads the partial index on due
+-- ago), $3 lease seconds float8, $4 lock_token uuid, and the
+-- claim filter (store::ClaimFilter): $5 patterns text[], $6 routes text[], $7 avoid
+-- text[], $8 want text. Reads the partial index on due
 -- PENDING rows. (The retry timer has its own statement: claim_due_retries.sql.)
 WITH picked AS (
     SELECT id, created_at
-      FROM outbox
+      FROM outbox AS c
      WHERE status = 'PENDING'
        AND next_attempt_at <= now() - make_interval(secs => $2::float8)
+       -- Leave out events that still need a destination the relay is not claiming for
+       -- (saturated or parked), and, for a probe, take only events that need that one.
+       -- The route is the first pattern the event_type matches (rule order).
+       AND ((cardinality($7::text[]) = 0 AND $8::text IS NULL)
+            OR EXISTS (
+                SELECT 1
+                  FROM (SELECT string_to_array(r.route, ',') AS destinations
+                          FROM unnest($5::text[], $6::text[])
+                               WITH ORDINALITY AS r(pattern, route, rank)
+                         WHERE c.event_type LIKE r.pattern
+                         ORDER BY r.rank
+                         LIMIT 1) AS routed
+                 WHERE NOT EXISTS (SELECT 1
+                                     FROM unnest(routed.destinations) AS d(name)
+                                    WHERE d.name = ANY($7::text[])
+                                      AND d.name <> ALL(c.delivered_to))
+                   AND ($8::text IS NULL
+                        OR ($8::text = ANY(routed.destinations)
+                            AND $8::text <> ALL(c.delivered_to)))))
      ORDER BY next_attempt_at
      LIMIT $1
        FOR UPDATE SKIP LOCKED

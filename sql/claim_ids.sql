@@ -1,12 +1,37 @@
 -- claim_ids: lease the notified events that are still due PENDING.
--- $1 ids int8[], $2 lease seconds float8, $3 lock_token uuid, $4 limit int8.
+-- $1 ids int8[], $2 lease seconds float8, $3 lock_token uuid, $4 limit int8, and the
+-- claim filter (store::ClaimFilter): $5 patterns text[], $6 routes text[], $7 avoid
+-- text[], $8 want text; $9 and $10 the notification's created_at bounds in epoch
+-- seconds (-Infinity and Infinity when unknown), so that only the partitions they fall
+-- in are read.
 -- The attempt is counted here, at claim (design.md invariant 4).
 WITH picked AS (
     SELECT id, created_at
-      FROM outbox
+      FROM outbox AS c
      WHERE id = ANY($1::int8[])
+       AND created_at >= to_timestamp($9::float8)
+       AND created_at <= to_timestamp($10::float8)
        AND status = 'PENDING'
        AND next_attempt_at <= now()
+       -- Leave out events that still need a destination the relay is not claiming for
+       -- (saturated or parked), and, for a probe, take only events that need that one.
+       -- The route is the first pattern the event_type matches (rule order).
+       AND ((cardinality($7::text[]) = 0 AND $8::text IS NULL)
+            OR EXISTS (
+                SELECT 1
+                  FROM (SELECT string_to_array(r.route, ',') AS destinations
+                          FROM unnest($5::text[], $6::text[])
+                               WITH ORDINALITY AS r(pattern, route, rank)
+                         WHERE c.event_type LIKE r.pattern
+                         ORDER BY r.rank
+                         LIMIT 1) AS routed
+                 WHERE NOT EXISTS (SELECT 1
+                                     FROM unnest(routed.destinations) AS d(name)
+                                    WHERE d.name = ANY($7::text[])
+                                      AND d.name <> ALL(c.delivered_to))
+                   AND ($8::text IS NULL
+                        OR ($8::text = ANY(routed.destinations)
+                            AND $8::text <> ALL(c.delivered_to)))))
      ORDER BY id
      LIMIT $4
        FOR UPDATE SKIP LOCKED
@@ -18,6 +43,8 @@ UPDATE outbox AS o
        lock_token = $3::uuid
   FROM picked
  WHERE o.id = picked.id AND o.created_at = picked.created_at
+   AND o.created_at >= to_timestamp($9::float8)
+   AND o.created_at <= to_timestamp($10::float8)
 RETURNING o.id, o.created_at, o.tracking_id, o.aggregate_type, o.aggregate_id,
           o.event_type, o.payload::text, o.metadata::text, o.attempts, o.max_attempts,
           o.delivered_to

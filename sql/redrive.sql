@@ -1,6 +1,7 @@
 -- redrive: dead letters back to PENDING with their attempts reset, each recorded with
 -- the reason and who asked, and a notification so the relay claims them at once (as
--- ranges, or a sweep when there are too many to list: outbox_notify_ids).
+-- ranges with their created_at bounds, or a sweep when there are too many to list:
+-- outbox_notify_ids).
 -- $1 ids int8[], $2 reason text, $3 redriven_by text. Rows not in DEAD_LETTER are left
 -- alone. `delivered_to` is kept: destinations that acknowledged are not sent it again.
 -- Returns the ids sent again.
@@ -21,7 +22,7 @@ WITH target AS (
            lock_token = NULL
       FROM target AS t
      WHERE o.id = t.id AND o.created_at = t.created_at
-    RETURNING o.id
+    RETURNING o.id, o.created_at
 ), recorded AS (
     INSERT INTO outbox_redrives (outbox_id, outbox_created_at, tracking_id, reason, redriven_by,
                                  last_error, attempts)
@@ -29,6 +30,7 @@ WITH target AS (
       FROM target
     RETURNING outbox_id
 ), notified AS (
-    SELECT outbox_notify_ids(array_agg(id)) FROM moved HAVING count(*) > 0
+    SELECT outbox_notify_ids(array_agg(id), min(created_at), max(created_at))
+      FROM moved HAVING count(*) > 0
 )
 SELECT id FROM moved LEFT JOIN notified ON true

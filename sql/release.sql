@@ -12,8 +12,9 @@ WITH released AS (
            next_attempt_at = now()
      WHERE lock_token = ANY($1::uuid[])
        AND status = 'PROCESSING'
-    RETURNING id
+    RETURNING id, created_at
 ), notified AS (
-    SELECT outbox_notify_ids(array_agg(id)) FROM released HAVING count(*) > 0
+    SELECT outbox_notify_ids(array_agg(id), min(created_at), max(created_at))
+      FROM released HAVING count(*) > 0
 )
 SELECT id FROM released LEFT JOIN notified ON true

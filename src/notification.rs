@@ -1,5 +1,7 @@
 //! The NOTIFY payload on channel `outbox_events`: the ids of one INSERT statement as
-//! ranges (`"17-5016"`, `"17,19-21"`), or empty for "sweep: too many ids to list";
+//! ranges (`"17-5016"`, `"17,19-21"`), optionally followed by the statement's
+//! `created_at` bounds in epoch seconds (`"17-5016@1764583200-1764583201"`, so the claim
+//! reads only the partitions they fall in), or empty for "sweep: too many ids to list";
 //! `"drain"` and `"notify"` announce a switch of high-load mode.
 //! Anyone may NOTIFY this channel, so a payload is parsed defensively: a malformed one is
 //! reported and answered with a sweep, never a crash.
@@ -7,8 +9,8 @@
 /// What a notification asks the relay to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notified {
-    /// Claim these ids.
-    Ids(Vec<i64>),
+    /// Claim these ids, created within these bounds if known.
+    Ids(Vec<i64>, Option<Created>),
     /// Claim every due PENDING event (the ids did not fit in a payload).
     Sweep,
     /// An instance entered or renewed high-load (drain) mode: producers stop notifying,
@@ -16,6 +18,24 @@ pub enum Notified {
     Drain,
     /// An instance left drain mode: leave it too, race-free.
     Notify,
+}
+
+/// When the events of a notification were created: whole epoch seconds, `since`
+/// floored and `until` rounded up, so every row lies within them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Created {
+    pub since: i64,
+    pub until: i64,
+}
+
+impl Created {
+    /// Bounds covering both.
+    pub fn merge(self, other: Created) -> Created {
+        Created {
+            since: self.since.min(other.since),
+            until: self.until.max(other.until),
+        }
+    }
 }
 
 /// A payload listing more ids than this is answered with a sweep instead.
@@ -30,9 +50,13 @@ pub fn parse_payload(payload: &str) -> Result<Notified, String> {
         "notify" => return Ok(Notified::Notify),
         _ => {}
     }
+    let (ranges, created) = match payload.split_once('@') {
+        Some((ranges, bounds)) => (ranges, Some(parse_bounds(bounds, payload)?)),
+        None => (payload, None),
+    };
     let mut ids = Vec::new();
     let mut total: u64 = 0;
-    for part in payload.split(',') {
+    for part in ranges.split(',') {
         let (lo, hi) = match part.split_once('-') {
             Some((lo, hi)) => (parse_id(lo, payload)?, parse_id(hi, payload)?),
             None => {
@@ -51,7 +75,18 @@ pub fn parse_payload(payload: &str) -> Result<Notified, String> {
         }
         ids.extend(lo..=hi);
     }
-    Ok(Notified::Ids(ids))
+    Ok(Notified::Ids(ids, created))
+}
+
+fn parse_bounds(bounds: &str, payload: &str) -> Result<Created, String> {
+    let wrong = || format!("{bounds:?} is not since-until in epoch seconds in payload {payload:?}");
+    let (since, until) = bounds.split_once('-').ok_or_else(wrong)?;
+    let since = since.trim().parse::<i64>().map_err(|_| wrong())?;
+    let until = until.trim().parse::<i64>().map_err(|_| wrong())?;
+    if until < since {
+        return Err(wrong());
+    }
+    Ok(Created { since, until })
 }
 
 fn parse_id(text: &str, payload: &str) -> Result<i64, String> {
@@ -70,10 +105,20 @@ mod tests {
     fn payloads_parse_into_ids() {
         let cases: &[(&str, Notified)] = &[
             ("", Notified::Sweep),
-            ("7", Notified::Ids(vec![7])),
-            ("1-3", Notified::Ids(vec![1, 2, 3])),
-            ("17,19-21", Notified::Ids(vec![17, 19, 20, 21])),
-            ("5,5", Notified::Ids(vec![5, 5])),
+            ("7", Notified::Ids(vec![7], None)),
+            ("1-3", Notified::Ids(vec![1, 2, 3], None)),
+            ("17,19-21", Notified::Ids(vec![17, 19, 20, 21], None)),
+            ("5,5", Notified::Ids(vec![5, 5], None)),
+            (
+                "17,19-20@1764583200-1764583201",
+                Notified::Ids(
+                    vec![17, 19, 20],
+                    Some(Created {
+                        since: 1764583200,
+                        until: 1764583201,
+                    }),
+                ),
+            ),
             ("0-100000000", Notified::Sweep),
             ("drain", Notified::Drain),
             (" notify ", Notified::Notify),
@@ -94,6 +139,11 @@ mod tests {
             "9223372036854775808",
             "1;2",
             "{\"id\":1}",
+            "1@",
+            "1@5",
+            "1@6-5",
+            "1@a-b",
+            "@1-2",
         ] {
             assert!(
                 parse_payload(payload).is_err(),
@@ -129,7 +179,7 @@ mod tests {
             #[test]
             fn the_triggers_ranges_parse_back_to_the_same_ids(ids in prop::collection::btree_set(0i64..5_000, 1..300)) {
                 let parsed = parse_payload(&encode(&ids)).unwrap();
-                prop_assert_eq!(parsed, Notified::Ids(ids.into_iter().collect()));
+                prop_assert_eq!(parsed, Notified::Ids(ids.into_iter().collect(), None));
             }
 
             #[test]

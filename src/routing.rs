@@ -4,6 +4,7 @@
 //! every event goes to `rabbitmq`. With rules, an event no rule matches is never
 //! silently dropped: the `unrouted` policy dead-letters it or skips it, and counts it.
 
+use crate::store::ClaimFilter;
 use serde::{Deserialize, Serialize};
 
 /// The destination every event goes to when no rules are configured.
@@ -34,6 +35,19 @@ pub struct Pattern {
 }
 
 impl Pattern {
+    /// The same pattern as SQL `LIKE` text (default escape `\\`).
+    pub fn to_like(&self) -> String {
+        self.parts
+            .iter()
+            .map(|part| {
+                part.replace('\\', "\\\\")
+                    .replace('%', "\\%")
+                    .replace('_', "\\_")
+            })
+            .collect::<Vec<_>>()
+            .join("%")
+    }
+
     pub fn parse(text: &str) -> Result<Pattern, String> {
         if text.is_empty() {
             return Err(
@@ -107,6 +121,48 @@ impl Router {
             .iter()
             .find(|(patterns, _)| patterns.iter().any(|p| p.matches(event_type)))
             .map_or(Route::Unrouted(self.unrouted), |(_, d)| Route::To(d))
+    }
+
+    /// The claim filter that leaves out events still needing a destination in `avoid`
+    /// and, with `want`, takes only events that still need that one: the rules as SQL
+    /// (each pattern with its rule's destinations, in order, and a last catch-all with
+    /// none for unrouted events). Without `avoid` and `want` it is [`ClaimFilter::ALL`].
+    pub fn claim_filter(&self, avoid: &[String], want: Option<&str>) -> ClaimFilter {
+        if avoid.is_empty() && want.is_none() {
+            return ClaimFilter::ALL;
+        }
+        let mut rules: Vec<(String, &[String])> = if self.rules.is_empty() {
+            vec![("%".to_string(), &self.everything)]
+        } else {
+            self.rules
+                .iter()
+                .flat_map(|(patterns, destinations)| {
+                    patterns
+                        .iter()
+                        .map(|p| (p.to_like(), destinations.as_slice()))
+                })
+                .collect()
+        };
+        if want.is_none() {
+            // Past the last rule that needs an avoided destination, nothing is left out.
+            let needed = rules
+                .iter()
+                .rposition(|(_, d)| d.iter().any(|name| avoid.contains(name)));
+            match needed {
+                Some(last) => rules.truncate(last + 1),
+                None => return ClaimFilter::ALL,
+            }
+        }
+        let (mut patterns, mut routes): (Vec<String>, Vec<String>) =
+            rules.into_iter().map(|(p, d)| (p, d.join(","))).unzip();
+        patterns.push("%".into());
+        routes.push(String::new());
+        ClaimFilter {
+            patterns,
+            routes,
+            avoid: avoid.to_vec(),
+            want: want.map(str::to_string),
+        }
     }
 
     /// Every destination some rule names (or `rabbitmq` without rules).

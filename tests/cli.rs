@@ -307,6 +307,7 @@ async fn a_schema_from_before_high_load_mode_says_to_migrate_and_migrate_upgrade
         .batch_execute(
             "DROP TABLE outbox_mode;
              DROP FUNCTION outbox_notify_ids(int8[]);
+             DROP FUNCTION outbox_notify_ids(int8[], timestamptz, timestamptz);
              DROP TABLE outbox_tracking_ids;
              DELETE FROM outboxd_schema_migrations WHERE version >= 3;",
         )

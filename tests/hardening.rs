@@ -444,7 +444,7 @@ async fn a_crashing_delivery_takes_down_only_its_own_event() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    wakes.send(Wake::Heard(Notified::Ids(ids))).unwrap();
+    wakes.send(Wake::Heard(Notified::Ids(ids, None))).unwrap();
     let started = Instant::now();
     for _ in 0..40 {
         relay.run_once().await;
@@ -870,13 +870,13 @@ async fn the_retry_claim_reads_only_rescheduled_events_through_their_own_index()
     let tx = explaining.transaction().await.unwrap();
     tx.batch_execute(&format!(
         "SET LOCAL plan_cache_mode = force_generic_plan;
-         PREPARE retries(int8, float8, uuid) AS {claim}"
+         PREPARE retries(int8, float8, uuid, text[], text[], text[], text) AS {claim}"
     ))
     .await
     .unwrap();
     let plan: String = tx
         .query_one(
-            "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE retries(500, 60, gen_random_uuid())",
+            "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE retries(500, 60, gen_random_uuid(), '{}', '{}', '{}', NULL)",
             &[],
         )
         .await
@@ -911,5 +911,450 @@ async fn the_retry_claim_reads_only_rescheduled_events_through_their_own_index()
     assert!(
         removed <= 100,
         "the claim read past {removed} rows it did not want: {plan}"
+    );
+}
+
+/// Counts the outbox rows every statement rewrites, exactly (a statement-level trigger
+/// with a transition table: no statistics flush lag), for the tests that bound them.
+struct RowUpdates;
+
+impl RowUpdates {
+    async fn install(db: &TestDb) -> RowUpdates {
+        db.client()
+            .await
+            .batch_execute(
+                "CREATE TABLE test_row_updates (n int8 NOT NULL);
+                 CREATE FUNCTION test_count_updates() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN
+                     INSERT INTO test_row_updates SELECT count(*) FROM changed;
+                     RETURN NULL;
+                 END $$;
+                 CREATE TRIGGER test_count_updates AFTER UPDATE ON outbox
+                     REFERENCING NEW TABLE AS changed
+                     FOR EACH STATEMENT EXECUTE FUNCTION test_count_updates();",
+            )
+            .await
+            .unwrap();
+        RowUpdates
+    }
+
+    async fn total(&self, db: &TestDb) -> i64 {
+        db.client()
+            .await
+            .query_one(
+                "SELECT coalesce(sum(n), 0)::int8 FROM test_row_updates",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+/// What a claim with an avoid/want filter must take, as the router sees it.
+fn claimable(
+    router: &outboxd::routing::Router,
+    event_type: &str,
+    delivered_to: &[String],
+    avoid: &[String],
+    want: Option<&str>,
+) -> bool {
+    use outboxd::routing::Route;
+    let needed: Vec<&String> = match router.route(event_type) {
+        Route::To(destinations) => destinations
+            .iter()
+            .filter(|d| !delivered_to.contains(d))
+            .collect(),
+        Route::Unrouted(_) => Vec::new(),
+    };
+    needed.iter().all(|d| !avoid.contains(d)) && want.is_none_or(|w| needed.iter().any(|d| *d == w))
+}
+
+/// The claim's SQL leaves out the events the relay does not claim for (a saturated or
+/// parked destination) and takes only a probe's own: checked against the router itself
+/// for first-match rules, `LIKE`'s own wildcards in event types and patterns, unrouted
+/// events and destinations already acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_leave_out_exactly_what_the_router_sends_to_a_left_out_destination() {
+    use outboxd::routing::{Router, Unrouted};
+    use outboxd::store::ClaimFilter;
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(None).await;
+    let config = support::config(&db, &broker);
+    let store = support::store(&config).await;
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let rules = vec![
+        (strings(&["order.refunded"]), strings(&["webhook:billing"])),
+        (strings(&["a_b*", "100%*"]), strings(&["webhook:billing"])),
+        (
+            strings(&["order.*", "*.created"]),
+            strings(&["rabbitmq", "webhook:crm"]),
+        ),
+    ];
+    let router = Router::new(&rules, Unrouted::DeadLetter).unwrap();
+    let types = [
+        "order.refunded",
+        "order.created",
+        "user.created",
+        "a_b1",
+        "aXb1",
+        "100%x",
+        "100x",
+        "user.deleted",
+        "a\\b",
+    ];
+    let delivered = [vec![], strings(&["webhook:crm"]), strings(&["rabbitmq"])];
+    let producer = db.client().await;
+    let mut rows = Vec::new();
+    for event_type in types {
+        for delivered_to in &delivered {
+            let row = producer
+                .query_one(
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, delivered_to)
+                     VALUES ('t', '1', $1, '{}', $2) RETURNING id",
+                    &[&event_type, delivered_to],
+                )
+                .await
+                .unwrap();
+            rows.push((row.get::<_, i64>(0), event_type, delivered_to.clone()));
+        }
+    }
+    let filters: Vec<(Vec<String>, Option<&str>)> = vec![
+        (vec![], None),
+        (strings(&["webhook:crm"]), None),
+        (strings(&["rabbitmq"]), None),
+        (strings(&["webhook:billing", "webhook:crm"]), None),
+        (strings(&["rabbitmq"]), Some("webhook:billing")),
+        (vec![], Some("rabbitmq")),
+        (strings(&["webhook:billing"]), Some("webhook:crm")),
+    ];
+    for (avoid, want) in filters {
+        let filter = router.claim_filter(&avoid, want);
+        assert_eq!(filter.is_all(), avoid.is_empty() && want.is_none());
+        let claim = store
+            .claim_due(1000, Duration::ZERO, Duration::from_secs(60), &filter)
+            .await
+            .unwrap();
+        let mut got: Vec<i64> = claim.events.iter().map(|e| e.id).collect();
+        got.sort();
+        let expected: Vec<i64> = rows
+            .iter()
+            .filter(|(_, t, d)| claimable(&router, t, d, &avoid, want))
+            .map(|(id, _, _)| *id)
+            .collect();
+        assert_eq!(got, expected, "avoid {avoid:?}, want {want:?}");
+        let ids: Vec<i64> = rows.iter().map(|(id, _, _)| *id).collect();
+        let by_ids = {
+            producer
+                .execute(
+                    "UPDATE outbox SET status = 'PENDING', lock_token = NULL, locked_until = NULL",
+                    &[],
+                )
+                .await
+                .unwrap();
+            store
+                .claim_ids(&ids, None, Duration::from_secs(60), &filter)
+                .await
+                .unwrap()
+        };
+        let mut got: Vec<i64> = by_ids.events.iter().map(|e| e.id).collect();
+        got.sort();
+        assert_eq!(got, expected, "claim_ids: avoid {avoid:?}, want {want:?}");
+        producer
+            .execute(
+                "UPDATE outbox SET status = 'PENDING', lock_token = NULL, locked_until = NULL",
+                &[],
+            )
+            .await
+            .unwrap();
+    }
+    // Without rules everything goes to rabbitmq.
+    let everything = Router::new(&[], Unrouted::DeadLetter).unwrap();
+    let none = store
+        .claim_due(
+            1000,
+            Duration::ZERO,
+            Duration::from_secs(60),
+            &everything.claim_filter(&strings(&["rabbitmq"]), None),
+        )
+        .await
+        .unwrap();
+    let pending_elsewhere = rows
+        .iter()
+        .filter(|(_, _, d)| d.contains(&"rabbitmq".to_string()))
+        .count();
+    assert_eq!(
+        none.events.len(),
+        pending_elsewhere,
+        "only those rabbitmq acknowledged"
+    );
+    let _ = ClaimFilter::ALL;
+}
+
+/// Found: every destination shared `relay.max_in_flight_batches` slots, so a webhook
+/// that answered in 5 s held them and RabbitMQ-only events waited seconds. Now each
+/// destination has its own: with a webhook that never answers holding all of its
+/// slots, RabbitMQ events flow, and the webhook's further events stay PENDING and
+/// unclaimed (no attempt, no lease) until it has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_that_never_answers_never_holds_the_slots_rabbitmq_events_need() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let silent = Endpoint::start(|_: &Hit| Reply::silent()).await;
+    let mut config = support::config(&db, &broker);
+    let mut webhook = WebhookConfig::new(silent.url(), SECRET);
+    webhook.timeout = Duration::from_secs(10);
+    webhook.failures_to_open = 100;
+    config.webhooks.insert("silent".into(), webhook);
+    config.routing.routes = vec![
+        route(&["slow.*"], &["webhook:silent"]),
+        route(&["*"], &["rabbitmq"]),
+    ];
+    config.relay.max_in_flight_batches = 2;
+    config.relay.batch_size = 1;
+    let service = start(config).await;
+    support::wait_started(&service).await;
+    let producer = db.client().await;
+    let mut slow = Vec::new();
+    for n in 0..4 {
+        slow.push(enqueue(&producer, &event("slow.created", n)).await.unwrap());
+    }
+    silent
+        .wait_until(Duration::from_secs(5), |hits| hits.len() >= 2)
+        .await;
+    let events: Vec<NewEvent> = (0..20).map(|n| event("order.created", n)).collect();
+    let sent = Instant::now();
+    outboxd::enqueue_many(&producer, &events).await.unwrap();
+    let received = broker.wait_for(20, Duration::from_secs(4)).await;
+    assert_eq!(
+        received.len(),
+        20,
+        "RabbitMQ events waited behind the silent webhook ({:?})",
+        sent.elapsed()
+    );
+    let waiting: Vec<(String, i32)> = producer
+        .query(
+            "SELECT status, attempts FROM outbox WHERE tracking_id = ANY($1) ORDER BY id",
+            &[&slow],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        waiting,
+        vec![
+            ("PROCESSING".to_string(), 1),
+            ("PROCESSING".to_string(), 1),
+            ("PENDING".to_string(), 0),
+            ("PENDING".to_string(), 0)
+        ],
+        "the webhook's further events wait unclaimed"
+    );
+    assert_eq!(silent.hits().len(), 2, "two batches in flight, no more");
+    service.stop().await;
+}
+
+/// Found: while the broker was down, deferrals rescheduled its events by the remaining
+/// reconnect backoff and the sweeps claimed them again: 20,000 pending events produced
+/// 183,000 row updates in 30 s. Now a destination that is down is parked: its events are
+/// not claimed, one probe goes out per cool-down, and the backlog moves when it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_is_down_parks_its_backlog_instead_of_rewriting_it() {
+    const EVENTS: usize = 4_000;
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let proxy = support::proxy::CountingProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let mut config = support::config(&db, &broker);
+    config.rabbitmq.url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    config.rabbitmq.reconnect_min_delay = Duration::from_millis(200);
+    config.rabbitmq.reconnect_max_delay = Duration::from_secs(1);
+    config.relay.batch_size = 250;
+    let service = start(config).await;
+    support::wait_started(&service).await;
+    let updates = RowUpdates::install(&db).await;
+    proxy.refuse(true);
+    proxy.cut();
+    let producer = db.client().await;
+    let events: Vec<NewEvent> = (0..EVENTS).map(|n| event("order.created", n)).collect();
+    for chunk in events.chunks(500) {
+        outboxd::enqueue_many(&producer, chunk).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let rewritten = updates.total(&db).await;
+    eprintln!("broker down 10 s: {rewritten} row updates for {EVENTS} pending events");
+    // The batches in flight when it went down (claimed and deferred: two writes each)
+    // and one probe per cool-down; nothing else is touched.
+    assert!(
+        rewritten <= EVENTS as i64,
+        "{rewritten} row updates for {EVENTS} events in 10 s of outage"
+    );
+    assert_eq!(
+        db.count("DEAD_LETTER").await,
+        0,
+        "an outage dead-letters nothing"
+    );
+    proxy.refuse(false);
+    assert_eq!(
+        broker.wait_for(EVENTS, Duration::from_secs(30)).await.len(),
+        EVENTS,
+        "the backlog moves once the broker is back"
+    );
+    assert!(db.wait_settled(Duration::from_secs(10)).await);
+    assert_eq!(db.count("PUBLISHED").await, EVENTS as i64);
+    service.stop().await;
+}
+
+/// Found: an open circuit deferred its events again and again (6 events, 48 deferrals
+/// in 10 s). Now its events are parked while it is open and one probe goes out per
+/// cool-down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_circuit_parks_its_events_and_sends_one_probe_per_cool_down() {
+    const EVENTS: usize = 50;
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(None).await;
+    let failing = Endpoint::start(|_: &Hit| Reply::status(503)).await;
+    let mut config = support::config(&db, &broker);
+    let mut webhook = WebhookConfig::new(failing.url(), SECRET);
+    webhook.max_in_flight = 4;
+    webhook.failures_to_open = 3;
+    webhook.cool_down = Duration::from_millis(500);
+    config.webhooks.insert("failing".into(), webhook);
+    config.routing.routes = vec![route(&["*"], &["webhook:failing"])];
+    let service = start(config).await;
+    support::wait_started(&service).await;
+    let updates = RowUpdates::install(&db).await;
+    let producer = db.client().await;
+    let events: Vec<NewEvent> = (0..EVENTS).map(|n| event("order.created", n)).collect();
+    outboxd::enqueue_many(&producer, &events).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let rewritten = updates.total(&db).await;
+    let requests = failing.hits().len();
+    eprintln!(
+        "open circuit 10 s: {rewritten} row updates, {requests} requests for {EVENTS} events"
+    );
+    // One claim and one outcome per event for the batch that opened the circuit, then a
+    // probe (claimed, sent, deferred) per cool-down: 0.5 s doubling to 3 s, 5 in 10 s.
+    assert!(
+        rewritten <= 2 * EVENTS as i64 + 2 * 8,
+        "{rewritten} row updates for {EVENTS} events in 10 s of an open circuit"
+    );
+    assert!(
+        requests <= 3 + 4 + 8,
+        "{requests} requests to a failing endpoint in 10 s"
+    );
+    assert!(requests > 3 + 4, "probes went out: {requests} requests");
+    failing.answer(|_: &Hit| Reply::ok());
+    assert!(wait_for_count(&db, "PUBLISHED", EVENTS as i64).await);
+    assert_eq!(db.count("PUBLISHED").await, EVENTS as i64);
+    service.stop().await;
+}
+
+/// Found: the claim of notified ids probed all 16 partitions (about 6 ms per 500 ids),
+/// because nothing told it when the events were created. Notifications now carry the
+/// statement's created_at bounds, and the claim reads only the partitions they fall in:
+/// shown by the plan of the prepared claim under a generic plan, as the relay runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notified_claim_reads_at_most_two_partitions_and_never_default() {
+    use outboxd::notification::{Notified, parse_payload};
+    use tokio_postgres::AsyncMessage;
+    let db = TestDb::new().await;
+    let (listener, mut connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (heard, mut payloads) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(message) =
+            futures_util::future::poll_fn(|cx| connection.poll_message(cx)).await
+        {
+            if let Ok(AsyncMessage::Notification(n)) = message {
+                let _ = heard.send(n.payload().to_string());
+            }
+        }
+    });
+    listener
+        .batch_execute("LISTEN outbox_events")
+        .await
+        .unwrap();
+    let client = db.client().await;
+    let partitions: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'outbox'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(partitions >= 5, "{partitions} partitions");
+    let events: Vec<NewEvent> = (0..500).map(|n| event("order.created", n)).collect();
+    outboxd::enqueue_many(&client, &events).await.unwrap();
+    let payload = tokio::time::timeout(Duration::from_secs(5), payloads.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let Ok(Notified::Ids(ids, Some(created))) = parse_payload(&payload) else {
+        panic!("no created_at bounds in {payload:?}");
+    };
+    assert_eq!(ids.len(), 500);
+    let claim = include_str!("../sql/claim_ids.sql");
+    let mut explaining = db.client().await;
+    let tx = explaining.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "SET LOCAL plan_cache_mode = force_generic_plan;
+         PREPARE claim(int8[], float8, uuid, int8, text[], text[], text[], text, float8, float8)
+             AS {claim}"
+    ))
+    .await
+    .unwrap();
+    let plan: serde_json::Value = tx
+        .query_one(
+            &format!(
+                "EXPLAIN (ANALYZE, FORMAT JSON)
+                 EXECUTE claim('{{{}}}', 60, gen_random_uuid(), 500, '{{}}', '{{}}', '{{}}', NULL, {}, {})",
+                ids.iter().map(|id| id.to_string()).collect::<Vec<_>>().join(","),
+                created.since,
+                created.until
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, serde_json::Value>(0);
+    let claimed: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE status = 'PROCESSING'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    tx.rollback().await.unwrap();
+    assert_eq!(claimed, 500, "the bounded claim takes every notified event");
+    // The partitions a scan node reads (ModifyTable lists every possible target; the
+    // pruned ones are never opened: "Subplans Removed").
+    fn scanned<'a>(node: &'a serde_json::Value, into: &mut Vec<&'a str>) {
+        let kind = node["Node Type"].as_str().unwrap_or("");
+        if kind.ends_with("Scan")
+            && let Some(name) = node["Relation Name"].as_str()
+        {
+            into.push(name);
+        }
+        for child in node["Plans"].as_array().into_iter().flatten() {
+            scanned(child, into);
+        }
+    }
+    let mut read = Vec::new();
+    scanned(&plan[0]["Plan"], &mut read);
+    read.sort();
+    read.dedup();
+    eprintln!("claim_ids read {read:?} of {partitions} partitions");
+    assert!(
+        !read.is_empty() && read.len() <= 2,
+        "the claim read {read:?}: {plan}"
+    );
+    assert!(
+        !read.contains(&"outbox_default"),
+        "the claim read DEFAULT: {plan}"
     );
 }

@@ -57,7 +57,7 @@ impl Heard {
         self.payloads().iter().any(|p| {
             matches!(
                 outboxd::notification::parse_payload(p),
-                Ok(outboxd::notification::Notified::Ids(ids)) if ids.contains(&id)
+                Ok(outboxd::notification::Notified::Ids(ids, _)) if ids.contains(&id)
             )
         })
     }

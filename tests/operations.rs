@@ -137,7 +137,12 @@ async fn metrics_pass_promtool_and_counters_move_by_the_right_amounts() {
     let worker = support::store(&config).await;
     assert_eq!(
         worker
-            .claim_due(10, Duration::ZERO, Duration::from_secs(1))
+            .claim_due(
+                10,
+                Duration::ZERO,
+                Duration::from_secs(1),
+                &outboxd::store::ClaimFilter::ALL
+            )
             .await
             .unwrap()
             .events
@@ -516,7 +521,12 @@ async fn pending_gauges_agree_across_instances_and_count_events_another_holds() 
     .unwrap();
     let other = support::store(&config).await;
     let held = other
-        .claim_due(10, Duration::ZERO, Duration::from_secs(600))
+        .claim_due(
+            10,
+            Duration::ZERO,
+            Duration::from_secs(600),
+            &outboxd::store::ClaimFilter::ALL,
+        )
         .await
         .unwrap();
     assert_eq!(held.events.len(), 1, "the other instance holds one event");

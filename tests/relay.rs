@@ -292,7 +292,12 @@ async fn expired_lease_is_reaped_and_stale_token_is_fenced() {
         );
     }
     let stale = crashed
-        .claim_due(100, Duration::ZERO, Duration::from_secs(2))
+        .claim_due(
+            100,
+            Duration::ZERO,
+            Duration::from_secs(2),
+            &outboxd::store::ClaimFilter::ALL,
+        )
         .await
         .unwrap();
     assert_eq!(stale.events.len(), K);

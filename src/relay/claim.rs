@@ -6,50 +6,66 @@
 use super::Relay;
 use super::inbox::Sweep;
 use crate::event::Claim;
-use crate::store::StoreError;
+use crate::store::{ClaimFilter, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
 impl Relay {
-    /// Claims while there is work and room for another batch in flight, and starts the
-    /// deliveries. Returns how many events it claimed.
+    /// Claims while there is work and a destination with room for another batch, and
+    /// starts the deliveries. A destination whose batches are all in flight, or whose
+    /// circuit is open, is left out of the claims (its events stay PENDING, untouched);
+    /// after a cool-down one event is claimed to probe it; once it takes events again, a
+    /// sweep picks up what the claims left behind. Returns how many events it claimed.
     pub(super) async fn fill(&mut self) -> usize {
         let mut claimed = 0;
-        while self.in_flight.len() < self.deliverer.relay.max_in_flight_batches
-            && self.claims_blocked_until.is_none()
-        {
-            let result = if let Some(suspect) = self.inbox.take_suspect() {
+        while self.claims_blocked_until.is_none() {
+            let gates = self.gates();
+            if gates.everything_waits {
+                break;
+            }
+            let mut probing = None;
+            let result = if let Some(probe) = gates.probe {
+                let avoid: Vec<String> = gates
+                    .avoid
+                    .iter()
+                    .filter(|d| **d != probe)
+                    .cloned()
+                    .collect();
+                let filter = self.deliverer.router.claim_filter(&avoid, Some(&probe));
                 let result = self
                     .deliverer
                     .store
-                    .claim_ids(&[suspect], self.deliverer.relay.lease)
+                    .claim_due(1, Duration::ZERO, self.deliverer.relay.lease, &filter)
                     .await;
-                if result.is_err() {
-                    self.inbox.suspect(vec![suspect]);
+                match &result {
+                    Ok(claim) if claim.events.is_empty() => {
+                        // Nothing waits for it: claims take its events again, and the
+                        // circuit lets the first one through as its probe.
+                        self.gates.nothing_to_probe.insert(probe);
+                    }
+                    Ok(_) => {
+                        self.gates.probing.insert(probe.clone());
+                        probing = Some(probe);
+                    }
+                    Err(_) => {}
                 }
-                result
-            } else if let Some(sweep) = self.inbox.sweep() {
-                self.claim_sweep(sweep).await
-            } else if self.inbox.has_ids() {
-                let ids = self.inbox.take_ids(self.deliverer.relay.batch_size);
-                let result = self
-                    .deliverer
-                    .store
-                    .claim_ids(&ids, self.deliverer.relay.lease)
-                    .await;
-                if result.is_err() {
-                    self.inbox.put_back(ids);
-                }
-                result
+                result.map(Some)
             } else {
+                let filter = self.deliverer.router.claim_filter(&gates.avoid, None);
+                if !filter.is_all() {
+                    self.gates.left_out.extend(gates.avoid.iter().cloned());
+                }
+                self.claim_next(&filter).await
+            };
+            let Some(result) = result.transpose() else {
                 break;
             };
             match result {
                 Ok(claim) => {
                     self.claim_backoff.succeeded();
                     claimed += claim.events.len();
-                    self.dispatch(claim);
+                    self.dispatch(claim, probing);
                 }
                 Err(error) => {
                     let delay = self.claim_backoff.failed();
@@ -61,21 +77,61 @@ impl Relay {
         claimed
     }
 
+    /// The next claim the inbox asks for (`None`: nothing to claim): a suspect alone,
+    /// else the oldest sweep, else a batch of notified ids.
+    async fn claim_next(&mut self, filter: &ClaimFilter) -> Result<Option<Claim>, StoreError> {
+        let lease = self.deliverer.relay.lease;
+        if let Some(suspect) = self.inbox.take_suspect() {
+            let result = self
+                .deliverer
+                .store
+                .claim_ids(&[suspect], None, lease, filter)
+                .await;
+            if result.is_err() {
+                self.inbox.suspect(vec![suspect]);
+            }
+            result.map(Some)
+        } else if let Some(sweep) = self.inbox.sweep() {
+            self.claim_sweep(sweep, filter).await.map(Some)
+        } else if self.inbox.has_ids() {
+            let (ids, created) = self.inbox.take_ids(self.deliverer.relay.batch_size);
+            let result = self
+                .deliverer
+                .store
+                .claim_ids(&ids, created, lease, filter)
+                .await;
+            if result.is_err() {
+                self.inbox.put_back(ids, created);
+            }
+            result.map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     /// One claim for `sweep`. A drain-mode poll goes on until a claim comes back empty;
     /// other sweeps end with the first short claim. What a counted sweep finds is counted.
-    async fn claim_sweep(&mut self, sweep: Sweep) -> Result<Claim, StoreError> {
+    async fn claim_sweep(
+        &mut self,
+        sweep: Sweep,
+        filter: &ClaimFilter,
+    ) -> Result<Claim, StoreError> {
         let d = Arc::clone(&self.deliverer);
         let batch = d.relay.batch_size;
         let claim = match sweep {
-            Sweep::Retry => d.store.claim_due_retries(batch, d.relay.lease).await?,
-            Sweep::Safety => {
+            Sweep::Retry => {
                 d.store
-                    .claim_due(batch, d.relay.safety_sweep_grace, d.relay.lease)
+                    .claim_due_retries(batch, d.relay.lease, filter)
                     .await?
             }
-            Sweep::Drain | Sweep::Requested | Sweep::Reconnect => {
+            Sweep::Safety => {
                 d.store
-                    .claim_due(batch, Duration::ZERO, d.relay.lease)
+                    .claim_due(batch, d.relay.safety_sweep_grace, d.relay.lease, filter)
+                    .await?
+            }
+            Sweep::Drain | Sweep::Requested | Sweep::Reconnect | Sweep::Resumed => {
+                d.store
+                    .claim_due(batch, Duration::ZERO, d.relay.lease, filter)
                     .await?
             }
         };
@@ -121,16 +177,21 @@ impl Relay {
         }
     }
 
-    /// Starts one delivery task per route group of `claim`.
-    fn dispatch(&mut self, claim: Claim) {
+    /// Starts one delivery task per route group of `claim`; each holds a slot of every
+    /// destination it still sends to (`probe`: the claim is that destination's probe).
+    fn dispatch(&mut self, claim: Claim, probe: Option<String>) {
         if let Some(highest) = claim.events.iter().map(|e| e.id).max() {
             self.high_load.saw(highest);
         }
         let token = claim.lock_token;
         for (plan, events) in super::deliver::plan(&self.deliverer.router, claim.events) {
+            let destinations = plan.still_needed(&events);
+            self.gates.started(&destinations);
             let held = super::Held {
                 lock_token: token,
                 events: events.iter().map(|e| (e.id, e.created_at)).collect(),
+                probe: probe.clone().filter(|p| destinations.contains(p)),
+                destinations,
             };
             let deliverer = Arc::clone(&self.deliverer);
             let handle = self

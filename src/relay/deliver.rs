@@ -26,6 +26,20 @@ pub(super) enum Plan {
     Unrouted(Unrouted),
 }
 
+impl Plan {
+    /// The destinations at least one of `events` still needs (not in its `delivered_to`).
+    pub(super) fn still_needed(&self, events: &[Event]) -> Vec<String> {
+        match self {
+            Plan::Deliver(destinations) => destinations
+                .iter()
+                .filter(|d| events.iter().any(|e| !e.delivered_to.contains(d)))
+                .cloned()
+                .collect(),
+            Plan::Unrouted(_) => Vec::new(),
+        }
+    }
+}
+
 /// Splits claimed events into groups that share a plan, in order of first appearance.
 pub(super) fn plan(router: &Router, events: Vec<Event>) -> Vec<(Plan, Vec<Event>)> {
     let mut groups: Vec<(Plan, Vec<Event>)> = Vec::new();

@@ -5,8 +5,8 @@
 //! claim, so under load claims are large and back to back.
 
 use crate::high_load::HighLoad;
-use crate::notification::Notified;
-use std::collections::{BTreeSet, VecDeque};
+use crate::notification::{Created, Notified};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -38,6 +38,9 @@ pub enum Sweep {
     Requested,
     /// The listener (re)connected: everything committed while nobody listened.
     Reconnect,
+    /// A destination claims had left out (saturated or parked) takes events again:
+    /// what they left behind.
+    Resumed,
 }
 
 impl Sweep {
@@ -53,6 +56,7 @@ impl Sweep {
             Sweep::Drain => "drain",
             Sweep::Requested => "requested",
             Sweep::Reconnect => "reconnect",
+            Sweep::Resumed => "resumed",
         }
     }
 
@@ -65,7 +69,7 @@ impl Sweep {
     /// retry sweep (due retries) look for; those two find only their own.
     fn covers(self, other: Sweep) -> bool {
         match self {
-            Sweep::Drain | Sweep::Requested | Sweep::Reconnect => true,
+            Sweep::Drain | Sweep::Requested | Sweep::Reconnect | Sweep::Resumed => true,
             Sweep::Safety | Sweep::Retry => self == other,
         }
     }
@@ -74,7 +78,8 @@ impl Sweep {
 /// The relay's work list.
 #[derive(Debug, Default)]
 pub struct Inbox {
-    pending: BTreeSet<i64>,
+    /// Notified ids, with their notification's `created_at` bounds when it had them.
+    pending: BTreeMap<i64, Option<Created>>,
     /// Ids whose last delivery crashed (a worker died, a task panicked): claimed one at a
     /// time, so whatever crashed can only take its own event down.
     suspects: BTreeSet<i64>,
@@ -116,11 +121,17 @@ impl Inbox {
     pub fn absorb(&mut self, wake: Wake, high_load: &mut HighLoad) {
         match wake {
             Wake::Reaped(ids) => self.suspect(ids),
-            Wake::Heard(Notified::Ids(ids)) => {
+            Wake::Heard(Notified::Ids(ids, created)) => {
                 if let Some(highest) = ids.iter().max() {
                     high_load.saw(*highest);
                 }
-                self.pending.extend(ids);
+                for id in ids {
+                    let known = self.pending.entry(id).or_insert(created);
+                    *known = match (*known, created) {
+                        (Some(a), Some(b)) => Some(a.merge(b)),
+                        _ => None,
+                    };
+                }
                 if self.pending.len() > MAX_PENDING_IDS {
                     self.pending.clear();
                     self.request(Sweep::Requested);
@@ -146,16 +157,30 @@ impl Inbox {
         self.suspects.pop_first()
     }
 
-    /// Up to `limit` notified ids, lowest first.
-    pub fn take_ids(&mut self, limit: usize) -> Vec<i64> {
-        std::iter::from_fn(|| self.pending.pop_first())
-            .take(limit)
-            .collect()
+    /// Up to `limit` notified ids, lowest first, and when they were created (`None`
+    /// when any of them came without bounds).
+    pub fn take_ids(&mut self, limit: usize) -> (Vec<i64>, Option<Created>) {
+        let mut ids = Vec::with_capacity(limit.min(self.pending.len()));
+        let mut created: Option<Option<Created>> = None;
+        while ids.len() < limit {
+            let Some((id, bounds)) = self.pending.pop_first() else {
+                break;
+            };
+            ids.push(id);
+            created = Some(match (created, bounds) {
+                (None, bounds) => bounds,
+                (Some(Some(a)), Some(b)) => Some(a.merge(b)),
+                (Some(_), _) => None,
+            });
+        }
+        (ids, created.flatten())
     }
 
     /// Ids whose claim failed: claimed again once the database answers.
-    pub fn put_back(&mut self, ids: Vec<i64>) {
-        self.pending.extend(ids);
+    pub fn put_back(&mut self, ids: Vec<i64>, created: Option<Created>) {
+        for id in ids {
+            self.pending.insert(id, created);
+        }
     }
 
     pub fn has_ids(&self) -> bool {
@@ -200,10 +225,12 @@ mod tests {
     fn ids_merge() {
         let mut inbox = Inbox::default();
         let mut hl = high_load();
-        inbox.absorb(Wake::Heard(Notified::Ids(vec![5, 3])), &mut hl);
-        inbox.absorb(Wake::Heard(Notified::Ids(vec![4, 3])), &mut hl);
-        assert_eq!(inbox.take_ids(2), vec![3, 4]);
-        assert_eq!(inbox.take_ids(10), vec![5]);
+        let at = |since, until| Some(Created { since, until });
+        inbox.absorb(Wake::Heard(Notified::Ids(vec![5, 3], at(10, 11))), &mut hl);
+        inbox.absorb(Wake::Heard(Notified::Ids(vec![4, 3], at(12, 12))), &mut hl);
+        inbox.absorb(Wake::Heard(Notified::Ids(vec![6], None)), &mut hl);
+        assert_eq!(inbox.take_ids(2), (vec![3, 4], at(10, 12)));
+        assert_eq!(inbox.take_ids(10), (vec![5, 6], None), "6 came unbounded");
         assert!(!inbox.has_ids());
     }
 
@@ -271,7 +298,7 @@ mod tests {
         let mut inbox = Inbox::default();
         let mut hl = high_load();
         inbox.absorb(
-            Wake::Heard(Notified::Ids((0..=MAX_PENDING_IDS as i64).collect())),
+            Wake::Heard(Notified::Ids((0..=MAX_PENDING_IDS as i64).collect(), None)),
             &mut hl,
         );
         assert!(!inbox.has_ids());

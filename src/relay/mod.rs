@@ -15,6 +15,7 @@
 mod claim;
 pub mod decide;
 mod deliver;
+mod gates;
 pub mod inbox;
 mod record;
 
@@ -29,6 +30,7 @@ use crate::routing::Router;
 use crate::sink::Sink;
 use crate::store::Store;
 use deliver::Deliverer;
+use gates::Gates;
 use inbox::Inbox;
 use record::BatchReport;
 use std::collections::HashMap;
@@ -44,6 +46,10 @@ use uuid::Uuid;
 struct Held {
     lock_token: Uuid,
     events: Vec<(i64, std::time::SystemTime)>,
+    /// The destinations whose slots it holds.
+    destinations: Vec<String>,
+    /// The destination it probes, if it is a probe.
+    probe: Option<String>,
 }
 
 /// The relay loop. See the module docs.
@@ -57,6 +63,7 @@ pub struct Relay {
     claim_backoff: Backoff,
     claims_blocked_until: Option<Instant>,
     high_load: HighLoad,
+    gates: Gates,
 }
 
 impl Relay {
@@ -77,7 +84,16 @@ impl Relay {
             String::new(),
             metrics.clone(),
         );
+        let routed: Vec<String> = router
+            .destinations()
+            .into_iter()
+            .filter(|name| destinations.iter().any(|sink| sink.name() == name))
+            .collect();
         Self {
+            gates: Gates {
+                routed,
+                ..Gates::default()
+            },
             deliverer: Arc::new(Deliverer {
                 store,
                 router,
@@ -149,6 +165,7 @@ impl Relay {
             let next_retry = self.inbox.next_retry();
             let claims_blocked_until = self.claims_blocked_until;
             let high_load_at = self.high_load.next_wake();
+            let look_again = self.gates.look_again;
             let stop_at = stopping;
             tokio::select! {
                 biased;
@@ -177,6 +194,8 @@ impl Relay {
                 _ = sleep_until(claims_blocked_until.unwrap_or(far)), if claims_blocked_until.is_some() => {
                     self.claims_blocked_until = None;
                 }
+                // A parked destination's cool-down ended: time to probe it.
+                _ = sleep_until(look_again.unwrap_or(far)), if look_again.is_some() => {}
                 _ = sleep_until(high_load_at.unwrap_or(far)), if high_load_at.is_some() => {
                     if self.high_load.tick(&self.deliverer.store).await {
                         self.inbox.request(Sweep::Drain);
@@ -203,7 +222,9 @@ impl Relay {
     ) {
         match done {
             Ok((id, report)) => {
-                self.held.remove(&id);
+                if let Some(held) = self.held.remove(&id) {
+                    self.gates.ended(&held.destinations, held.probe.as_deref());
+                }
                 self.inbox.schedule_retries(&report.retries);
             }
             Err(error) if error.is_cancelled() => {
@@ -213,6 +234,7 @@ impl Relay {
                 let Some(held) = self.held.remove(&error.id()) else {
                     return;
                 };
+                self.gates.ended(&held.destinations, held.probe.as_deref());
                 self.crashed(held, error).await;
             }
         }

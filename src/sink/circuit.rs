@@ -35,6 +35,18 @@ pub enum Admission {
     Nothing { retry_in: Duration },
 }
 
+/// Whether to claim events for the destination now (its events are parked while its
+/// circuit is open, so an outage rewrites no rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parking {
+    /// Closed: claim for it.
+    Ready,
+    /// The cool-down is over: claim one event to probe it.
+    Probe,
+    /// Open, or a probe is out: claim nothing for it before this instant.
+    Parked { until: Instant },
+}
+
 /// A change worth logging and exporting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
@@ -58,6 +70,20 @@ impl Circuit {
 
     pub fn is_open(&self) -> bool {
         !matches!(self.state, State::Closed { .. })
+    }
+
+    /// Whether to claim for the destination at `now` (changes nothing).
+    pub fn parking(&self, now: Instant) -> Parking {
+        match self.state {
+            State::Closed { .. } => Parking::Ready,
+            State::Open { until, .. } if now < until => Parking::Parked { until },
+            State::Probing { since, .. } if now < since + self.settings.probe_timeout => {
+                Parking::Parked {
+                    until: since + self.settings.probe_timeout,
+                }
+            }
+            State::Open { .. } | State::Probing { .. } => Parking::Probe,
+        }
     }
 
     /// Asks to send a batch at `now`.
@@ -141,6 +167,31 @@ mod tests {
             max_cool_down: Duration::from_secs(12),
             probe_timeout: Duration::from_secs(2),
         }
+    }
+
+    #[test]
+    fn parking_follows_the_state_without_changing_it() {
+        let t = Instant::now();
+        let mut c = Circuit::new(settings());
+        assert_eq!(c.parking(t), Parking::Ready);
+        for _ in 0..3 {
+            c.failed(t);
+        }
+        let until = t + Duration::from_secs(5);
+        assert_eq!(c.parking(t), Parking::Parked { until });
+        assert_eq!(c.parking(until), Parking::Probe);
+        assert_eq!(c.parking(until), Parking::Probe, "asking changes nothing");
+        assert_eq!(c.admit(until), Admission::Probe);
+        // The probe is out: parked until it reports or its timeout.
+        assert_eq!(
+            c.parking(until),
+            Parking::Parked {
+                until: until + Duration::from_secs(2)
+            }
+        );
+        assert_eq!(c.parking(until + Duration::from_secs(2)), Parking::Probe);
+        c.succeeded();
+        assert_eq!(c.parking(until), Parking::Ready);
     }
 
     #[test]

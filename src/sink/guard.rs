@@ -193,6 +193,13 @@ impl Sink for Guarded {
         })
     }
 
+    fn parking(&self) -> super::Parking {
+        self.circuit
+            .lock()
+            .expect("circuit")
+            .parking(Instant::now())
+    }
+
     fn available(&self) -> Result<(), String> {
         if self.circuit.lock().expect("circuit").is_open() {
             return Err("unreachable or failing: its circuit is open and its events wait".into());

@@ -14,6 +14,7 @@ use crate::event::{Event, Outcome};
 use crate::metrics::Metrics;
 use crate::validate::ConfigError;
 use circuit::CircuitSettings;
+pub use circuit::Parking;
 use futures_util::future::BoxFuture;
 use std::sync::Arc;
 
@@ -37,6 +38,12 @@ pub trait Sink: Send + Sync {
     /// its circuit is asked before each request rather than once per batch.
     fn concurrency(&self) -> Option<usize> {
         None
+    }
+
+    /// Whether to claim events for it now: its circuit parks them while it is failing
+    /// and asks for one probe after each cool-down. Always ready by default.
+    fn parking(&self) -> Parking {
+        Parking::Ready
     }
 
     /// Whether the destination takes deliveries now; `Err` says why not (readiness).

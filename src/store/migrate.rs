@@ -77,6 +77,13 @@ pub const MIGRATIONS: &[Migration] = &[
         adds: "index outbox_retry_due_idx",
         sql: include_str!("../../migrations/0007_retry_due_index.sql"),
     },
+    Migration {
+        version: 8,
+        name: "notify_created_bounds",
+        present: "to_regprocedure('outbox_notify_ids(int8[],timestamptz,timestamptz)') IS NOT NULL",
+        adds: "function outbox_notify_ids(ids, since, until)",
+        sql: include_str!("../../migrations/0008_notify_created_bounds.sql"),
+    },
 ];
 
 /// Indexes of the partitioned outbox that migrations create on the parent alone and

@@ -17,6 +17,7 @@ pub mod tls;
 pub use connect::{DatabaseConfig, connect_once, describe_target};
 
 use crate::event::{Claim, Event};
+use crate::notification::Created;
 use connect::{Purpose, prepare};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::time::{Duration, SystemTime};
@@ -127,6 +128,35 @@ pub fn error_text(error: &tokio_postgres::Error) -> String {
 }
 
 /// An event whose delivery failed and will be tried again.
+/// Which events a claim may take, by the destinations they still need (those not yet in
+/// `delivered_to`). The routing rules travel with it as SQL `LIKE` patterns, each with
+/// its destinations comma-joined, in rule order (the first match is the route; see
+/// `Router::claim_filter`). `avoid`: leave out events that need any of these (saturated
+/// or parked destinations). `want`: take only events that need this one (a probe).
+/// [`ClaimFilter::ALL`] takes everything, and costs the claim nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimFilter {
+    pub patterns: Vec<String>,
+    pub routes: Vec<String>,
+    pub avoid: Vec<String>,
+    pub want: Option<String>,
+}
+
+impl ClaimFilter {
+    /// Takes every due event.
+    pub const ALL: ClaimFilter = ClaimFilter {
+        patterns: Vec::new(),
+        routes: Vec::new(),
+        avoid: Vec::new(),
+        want: None,
+    };
+
+    /// Whether it leaves anything out.
+    pub fn is_all(&self) -> bool {
+        self.avoid.is_empty() && self.want.is_none()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RetryItem {
     pub id: i64,
@@ -254,25 +284,38 @@ impl Store {
             .map_err(|e| StoreError::Pool(pool_error_text(&e)))
     }
 
-    /// claim: lease the given ids if they are still due PENDING (the push path).
-    pub async fn claim_ids(&self, ids: &[i64], lease: Duration) -> Result<Claim, StoreError> {
+    /// claim: lease the given ids if they are still due PENDING (the push path), leaving
+    /// out what `filter` leaves out. With `created` (the notification's bounds) only the
+    /// partitions they fall in are read.
+    pub async fn claim_ids(
+        &self,
+        ids: &[i64],
+        created: Option<Created>,
+        lease: Duration,
+        filter: &ClaimFilter,
+    ) -> Result<Claim, StoreError> {
         let token = Uuid::new_v4();
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached(CLAIM_IDS)
-            .await
-            .map_err(StoreError::query("claim_ids"))?;
-        let rows = client
-            .query(
-                &statement,
-                &[&ids, &lease.as_secs_f64(), &token, &(ids.len() as i64)],
-            )
-            .await
-            .map_err(StoreError::query("claim_ids"))?;
-        Ok(Claim {
-            lock_token: token,
-            events: rows.iter().map(event_from_row).collect(),
-        })
+        let (since, until) = created.map_or((f64::NEG_INFINITY, f64::INFINITY), |c| {
+            (c.since as f64, c.until as f64)
+        });
+        self.claim_with(
+            "claim_ids",
+            CLAIM_IDS,
+            token,
+            &[
+                &ids,
+                &lease.as_secs_f64(),
+                &token,
+                &(ids.len() as i64),
+                &filter.patterns,
+                &filter.routes,
+                &filter.avoid,
+                &filter.want,
+                &since,
+                &until,
+            ],
+        )
+        .await
     }
 
     /// claim: lease up to `limit` due PENDING events due for at least `grace` (sweeps).
@@ -281,6 +324,7 @@ impl Store {
         limit: usize,
         grace: Duration,
         lease: Duration,
+        filter: &ClaimFilter,
     ) -> Result<Claim, StoreError> {
         let token = Uuid::new_v4();
         self.claim_with(
@@ -292,6 +336,10 @@ impl Store {
                 &grace.as_secs_f64(),
                 &lease.as_secs_f64(),
                 &token,
+                &filter.patterns,
+                &filter.routes,
+                &filter.avoid,
+                &filter.want,
             ],
         )
         .await
@@ -303,13 +351,22 @@ impl Store {
         &self,
         limit: usize,
         lease: Duration,
+        filter: &ClaimFilter,
     ) -> Result<Claim, StoreError> {
         let token = Uuid::new_v4();
         self.claim_with(
             "claim_due_retries",
             CLAIM_DUE_RETRIES,
             token,
-            &[&(limit as i64), &lease.as_secs_f64(), &token],
+            &[
+                &(limit as i64),
+                &lease.as_secs_f64(),
+                &token,
+                &filter.patterns,
+                &filter.routes,
+                &filter.avoid,
+                &filter.want,
+            ],
         )
         .await
     }
