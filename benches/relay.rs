@@ -36,6 +36,8 @@ struct Settings {
     webhook_backlog: i64,
     scale_backlog: i64,
     idle_for: Duration,
+    outage_backlog: usize,
+    outage_for: Duration,
 }
 
 impl Settings {
@@ -60,6 +62,8 @@ impl Settings {
             webhook_backlog: 20_000,
             scale_backlog: 60_000,
             idle_for: Duration::from_secs(60),
+            outage_backlog: 20_000,
+            outage_for: Duration::from_secs(60),
         }
     }
 
@@ -78,6 +82,8 @@ impl Settings {
             webhook_backlog: 2_000,
             scale_backlog: 10_000,
             idle_for: Duration::from_secs(5),
+            outage_backlog: 2_000,
+            outage_for: Duration::from_secs(5),
         }
     }
 }
@@ -150,6 +156,7 @@ fn format_value(value: f64, unit: &str) -> String {
     match unit {
         "ms" => format!("{value:.2} ms"),
         "x" => format!("{value:.1} x"),
+        "rows/event" => format!("{value:.2} rows/event"),
         "%" => format!("{value:.1} %"),
         "s" => format!("{value:.2} s"),
         "" => format!("{value:.0}"),
@@ -660,6 +667,52 @@ async fn isolated_latency(beside: Beside, rate: f64, duration: Duration) -> Cons
     consumed
 }
 
+/// `backlog` events committed while RabbitMQ is down (refused, connections cut) for
+/// `down`: outbox rows rewritten per event meanwhile, counted exactly by a statement
+/// trigger; then the broker is back and every event must arrive.
+async fn outage_rewrites(backlog: usize, down: Duration) -> (f64, bool) {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let proxy = CountingProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let mut config = config(&db, &broker);
+    config.rabbitmq.url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    let service = support::start(config).await;
+    support::wait_started(&service).await;
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE TABLE bench_row_updates (n int8 NOT NULL);
+             CREATE FUNCTION bench_count_updates() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO bench_row_updates SELECT count(*) FROM changed;
+                 RETURN NULL;
+             END $$;
+             CREATE TRIGGER bench_count_updates AFTER UPDATE ON outbox
+                 REFERENCING NEW TABLE AS changed
+                 FOR EACH STATEMENT EXECUTE FUNCTION bench_count_updates();",
+        )
+        .await
+        .expect("update counter");
+    proxy.refuse(true);
+    proxy.cut();
+    db.insert_backlog(backlog as i64).await;
+    tokio::time::sleep(down).await;
+    let rewritten: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT coalesce(sum(n), 0)::int8 FROM bench_row_updates",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    proxy.refuse(false);
+    let received = broker.wait_for(backlog, Duration::from_secs(120)).await;
+    service.stop().await;
+    (rewritten as f64 / backlog as f64, received.len() >= backlog)
+}
+
 /// Default settings, no events: statements outboxd sends per minute, counted on the
 /// wire by a proxy in front of PostgreSQL (every connection goes through it).
 async fn idle_cost(duration: Duration) -> (f64, bool) {
@@ -928,6 +981,22 @@ async fn run(s: &Settings) -> (Table, bool) {
             1,
             p99[2] / p99[0],
             "x",
+        );
+    }
+
+    if s.wants("outage") {
+        t.section(&format!(
+            "outage: RabbitMQ down for {} s with {} events pending",
+            secs(s.outage_for),
+            s.outage_backlog
+        ));
+        let (per_event, complete) = outage_rewrites(s.outage_backlog, s.outage_for).await;
+        ok &= complete;
+        t.add(
+            "outbox rows rewritten per pending event while it is down",
+            1,
+            per_event,
+            "rows/event",
         );
     }
 

@@ -186,17 +186,16 @@ impl Relay {
         let token = claim.lock_token;
         for (plan, events) in super::deliver::plan(&self.deliverer.router, claim.events) {
             let destinations = plan.still_needed(&events);
-            self.gates.started(&destinations);
+            let slots = self.gates.slots.take(&destinations);
             let held = super::Held {
                 lock_token: token,
                 events: events.iter().map(|e| (e.id, e.created_at)).collect(),
                 probe: probe.clone().filter(|p| destinations.contains(p)),
-                destinations,
             };
             let deliverer = Arc::clone(&self.deliverer);
             let handle = self
                 .in_flight
-                .spawn(async move { deliverer.deliver(token, plan, events).await });
+                .spawn(async move { deliverer.deliver(token, plan, events, slots).await });
             self.held.insert(handle.id(), held);
         }
     }

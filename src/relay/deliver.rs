@@ -4,6 +4,7 @@
 //! `delivered_to`), and the lease is renewed while that runs (invariant 7). The
 //! outcomes go on to `record`.
 
+use super::gates::Slot;
 use super::record::BatchReport;
 use crate::config::{RelayConfig, RetryConfig};
 use crate::event::{Event, Outcome};
@@ -73,7 +74,13 @@ pub(super) struct Deliverer {
 impl Deliverer {
     /// Delivers a group of one claim to every destination it still needs, renewing the
     /// lease while that runs, then records the outcomes fenced by the token.
-    pub async fn deliver(&self, lock_token: Uuid, plan: Plan, events: Vec<Event>) -> BatchReport {
+    pub async fn deliver(
+        &self,
+        lock_token: Uuid,
+        plan: Plan,
+        events: Vec<Event>,
+        slots: HashMap<String, Slot>,
+    ) -> BatchReport {
         let destinations = match plan {
             Plan::Deliver(destinations) => destinations,
             Plan::Unrouted(policy) => return self.unrouted(lock_token, policy, &events).await,
@@ -81,7 +88,7 @@ impl Deliverer {
         // How long the lease lasts as far as this task knows: from the claim (just now),
         // pushed on by every renewal.
         let mut leased_until = Instant::now() + self.relay.lease;
-        let work = self.send_everywhere(&destinations, &events);
+        let work = self.send_everywhere(&destinations, &events, slots);
         tokio::pin!(work);
         let beat_every = self.relay.lease / 3;
         let mut beat = interval_at(Instant::now() + beat_every, beat_every);
@@ -123,8 +130,14 @@ impl Deliverer {
         }
     }
 
-    /// For each destination, the outcomes of the events it still needed.
-    async fn send_everywhere(&self, destinations: &[String], events: &[Event]) -> Outcomes {
+    /// For each destination, the outcomes of the events it still needed; each
+    /// destination's slot is handed back as soon as its part is done.
+    async fn send_everywhere(
+        &self,
+        destinations: &[String],
+        events: &[Event],
+        mut slots: HashMap<String, Slot>,
+    ) -> Outcomes {
         let plans: Vec<_> = destinations
             .iter()
             .map(|name| {
@@ -137,36 +150,40 @@ impl Deliverer {
                 (name, self.destinations.get(name), needed)
             })
             .collect();
-        let sends = plans.iter().map(|(name, sink, needed)| async move {
-            let Some(sink) = sink else {
-                let missing = Outcome::destination_failed(format!(
-                    "destination {name} is not configured in this instance"
-                ));
-                let by_event = (0..events.len())
-                    .map(|i| needed.contains(&i).then(|| missing.clone()))
-                    .collect();
-                return (name.to_string(), by_event);
-            };
-            let outcomes = if needed.len() == events.len() {
-                sink.deliver(events).await
-            } else if needed.is_empty() {
-                Vec::new()
-            } else {
-                let subset: Vec<Event> = needed.iter().map(|&i| events[i].clone()).collect();
-                sink.deliver(&subset).await
-            };
-            let mut by_event: Vec<Option<Outcome>> = vec![None; events.len()];
-            for (&index, outcome) in needed.iter().zip(outcomes) {
-                by_event[index] = Some(outcome);
-            }
-            for &index in needed {
-                if by_event[index].is_none() {
-                    by_event[index] = Some(Outcome::destination_failed(
-                        "destination returned no outcome",
+        let sends = plans.iter().map(|(name, sink, needed)| {
+            let slot = slots.remove(name.as_str());
+            async move {
+                let _slot = slot;
+                let Some(sink) = sink else {
+                    let missing = Outcome::destination_failed(format!(
+                        "destination {name} is not configured in this instance"
                     ));
+                    let by_event = (0..events.len())
+                        .map(|i| needed.contains(&i).then(|| missing.clone()))
+                        .collect();
+                    return (name.to_string(), by_event);
+                };
+                let outcomes = if needed.len() == events.len() {
+                    sink.deliver(events).await
+                } else if needed.is_empty() {
+                    Vec::new()
+                } else {
+                    let subset: Vec<Event> = needed.iter().map(|&i| events[i].clone()).collect();
+                    sink.deliver(&subset).await
+                };
+                let mut by_event: Vec<Option<Outcome>> = vec![None; events.len()];
+                for (&index, outcome) in needed.iter().zip(outcomes) {
+                    by_event[index] = Some(outcome);
                 }
+                for &index in needed {
+                    if by_event[index].is_none() {
+                        by_event[index] = Some(Outcome::destination_failed(
+                            "destination returned no outcome",
+                        ));
+                    }
+                }
+                (name.to_string(), by_event)
             }
-            (name.to_string(), by_event)
         });
         join_all(sends).await
     }

@@ -11,15 +11,85 @@ use super::Relay;
 use super::inbox::Sweep;
 use crate::sink::Parking;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
 use tokio::time::Instant;
+
+/// Batch slots per destination, shared with the delivery tasks: a task hands a
+/// destination's slot back as soon as its part of the group is done (not when the whole
+/// group is, so a destination that shares events with a slow one is not held by it),
+/// and wakes the relay.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Slots(Arc<Taken>);
+
+#[derive(Debug, Default)]
+struct Taken {
+    busy: Mutex<HashMap<String, usize>>,
+    freed: Notify,
+}
+
+impl Slots {
+    /// Slots of `name` in use.
+    pub fn busy(&self, name: &str) -> usize {
+        self.0
+            .busy
+            .lock()
+            .expect("slots")
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Takes a slot of each of `names`.
+    pub fn take(&self, names: &[String]) -> HashMap<String, Slot> {
+        let mut busy = self.0.busy.lock().expect("slots");
+        names
+            .iter()
+            .map(|name| {
+                *busy.entry(name.clone()).or_default() += 1;
+                (
+                    name.clone(),
+                    Slot {
+                        slots: self.clone(),
+                        name: name.clone(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Until a slot is handed back (at once if one was since the last call).
+    pub async fn freed(&self) {
+        self.0.freed.notified().await
+    }
+}
+
+/// One destination's slot, held by a delivery task; handed back when dropped (also when
+/// the task ends early, crashes or is aborted).
+#[derive(Debug)]
+pub(super) struct Slot {
+    slots: Slots,
+    name: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut busy) = self.slots.0.busy.lock()
+            && let Some(n) = busy.get_mut(&self.name)
+        {
+            *n = n.saturating_sub(1);
+        }
+        self.slots.0.freed.notify_one();
+    }
+}
 
 /// What the gates remember between claims.
 #[derive(Debug, Default)]
 pub(super) struct Gates {
     /// Every destination a route names, that this instance delivers to.
     pub routed: Vec<String>,
-    /// Batches in flight per destination.
-    pub busy: HashMap<String, usize>,
+    /// Batch slots in use per destination.
+    pub slots: Slots,
     /// Destinations whose probe event was claimed and is still being delivered.
     pub probing: BTreeSet<String>,
     /// Destinations whose probe claim found nothing waiting: claimed for again (the
@@ -43,20 +113,8 @@ pub(super) struct Open {
 }
 
 impl Gates {
-    /// A batch for `destinations` started.
-    pub fn started(&mut self, destinations: &[String]) {
-        for name in destinations {
-            *self.busy.entry(name.clone()).or_default() += 1;
-        }
-    }
-
-    /// A batch for `destinations` ended (`probe`: it carried that destination's probe).
-    pub fn ended(&mut self, destinations: &[String], probe: Option<&str>) {
-        for name in destinations {
-            if let Some(busy) = self.busy.get_mut(name) {
-                *busy = busy.saturating_sub(1);
-            }
-        }
+    /// A probe's batch ended.
+    pub fn probed(&mut self, probe: Option<&str>) {
         if let Some(probe) = probe {
             self.probing.remove(probe);
         }
@@ -72,7 +130,7 @@ impl Relay {
         let mut open = Open::default();
         gates.look_again = None;
         for name in &gates.routed {
-            let saturated = gates.busy.get(name).copied().unwrap_or(0) >= limit;
+            let saturated = gates.slots.busy(name) >= limit;
             let parking = self
                 .deliverer
                 .destinations

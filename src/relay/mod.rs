@@ -46,8 +46,6 @@ use uuid::Uuid;
 struct Held {
     lock_token: Uuid,
     events: Vec<(i64, std::time::SystemTime)>,
-    /// The destinations whose slots it holds.
-    destinations: Vec<String>,
     /// The destination it probes, if it is a probe.
     probe: Option<String>,
 }
@@ -166,6 +164,7 @@ impl Relay {
             let claims_blocked_until = self.claims_blocked_until;
             let high_load_at = self.high_load.next_wake();
             let look_again = self.gates.look_again;
+            let slots = self.gates.slots.clone();
             let stop_at = stopping;
             tokio::select! {
                 biased;
@@ -196,6 +195,8 @@ impl Relay {
                 }
                 // A parked destination's cool-down ended: time to probe it.
                 _ = sleep_until(look_again.unwrap_or(far)), if look_again.is_some() => {}
+                // A destination's part of a group is done: it has room again.
+                _ = slots.freed() => {}
                 _ = sleep_until(high_load_at.unwrap_or(far)), if high_load_at.is_some() => {
                     if self.high_load.tick(&self.deliverer.store).await {
                         self.inbox.request(Sweep::Drain);
@@ -223,7 +224,7 @@ impl Relay {
         match done {
             Ok((id, report)) => {
                 if let Some(held) = self.held.remove(&id) {
-                    self.gates.ended(&held.destinations, held.probe.as_deref());
+                    self.gates.probed(held.probe.as_deref());
                 }
                 self.inbox.schedule_retries(&report.retries);
             }
@@ -234,7 +235,7 @@ impl Relay {
                 let Some(held) = self.held.remove(&error.id()) else {
                     return;
                 };
-                self.gates.ended(&held.destinations, held.probe.as_deref());
+                self.gates.probed(held.probe.as_deref());
                 self.crashed(held, error).await;
             }
         }
