@@ -51,10 +51,40 @@ pub enum Command {
         dry_run: bool,
     },
     /// Events per status, the oldest pending event's age, dead letters.
-    Status,
+    Status {
+        /// JSON output: {"statuses": [{"status", "events", "oldest_age_seconds"}],
+        /// "dead_letters", "default_partition_rows"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Asks the instance on this host whether it is ready (`/readyz`): exit 0 if it
+    /// is, 1 if not or unreachable. For container HEALTHCHECKs and Kubernetes probes.
+    Health {
+        /// Ask `/healthz` (the process is alive) instead of `/readyz`.
+        #[arg(long)]
+        live: bool,
+        /// The address to ask (default: `http.listen`; 0.0.0.0 and [::] mean this
+        /// host's loopback), e.g. 127.0.0.1:9187.
+        #[arg(long)]
+        addr: Option<String>,
+        /// Give up after this long.
+        #[arg(long, default_value = "3s", value_parser = crate::duration_text::parse)]
+        timeout: std::time::Duration,
+    },
     /// List, inspect and redrive dead letters.
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
+    /// Check the configuration, or show it.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print the Prometheus alert rules (docs/alerts.yml) with each alert's runbook_url
+    /// pointing at your copy of the operations guide.
+    AlertRules {
+        /// Where docs/ is served, e.g. https://wiki.example.com/outboxd/docs: every
+        /// runbook_url becomes BASE/operations.md#ALERT.
+        #[arg(long)]
+        runbook_base: String,
+    },
     /// See it work: migrate, start outboxd, bind a throw-away queue to the exchange,
     /// commit a few events and print how long each took to arrive.
     Demo {
@@ -62,6 +92,17 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         events: usize,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Load the file, the environment and the flags, check every value, and exit: 0
+    /// valid, 2 not (the message names the key, the value and the fix). Connects to
+    /// nothing, so it fits CI and deploy pipelines.
+    Check,
+    /// Print the effective configuration as TOML, secrets hidden, each value followed
+    /// by where it came from (flag, environment, file or default).
+    Show,
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,7 +144,7 @@ pub enum DeadLettersCommand {
         /// What was fixed, so that the event can pass now (required).
         #[arg(long)]
         reason: String,
-        /// Who asks (default: $USER).
+        /// Who asks (default: $USER, else $LOGNAME, else cli@HOST).
         #[arg(long)]
         by: Option<String>,
     },
@@ -136,12 +177,21 @@ impl From<anyhow::Error> for Failure {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let cli_format = cli.log_format;
     let logging = init_logging(cli.log_format);
     let code = match tokio::runtime::Runtime::new() {
         Ok(runtime) => match runtime.block_on(execute(cli)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(failure) => {
-                say(&format!("outboxd: error: {}", failure.message));
+                match cli_format {
+                    // One JSON line like every other, for log pipelines.
+                    LogFormat::Json => tracing::error!(
+                        exit_code = failure.code,
+                        "outboxd: error: {}",
+                        failure.message
+                    ),
+                    LogFormat::Text => say(&format!("outboxd: error: {}", failure.message)),
+                }
                 ExitCode::from(failure.code)
             }
         },
@@ -169,7 +219,10 @@ fn say(line: &str) {
 /// shipper that died), never blocks delivery or shutdown. The guard flushes at exit.
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,lapin=error,amq_protocol=warn,tokio_postgres=warn")
+        // lapin's own lines about a broker blip ("Exponential backoff attempts
+        // exhausted") are summarised by outboxd's circuit: one WARN per opening, with
+        // the next probe. RUST_LOG=lapin=debug shows them again.
+        tracing_subscriber::EnvFilter::new("info,lapin=off,amq_protocol=warn,tokio_postgres=warn")
     });
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
@@ -180,31 +233,99 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
         .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Json => {
+            builder.json().flatten_event(true).init();
+            // A panic is a JSON line too (its message and where it happened).
+            std::panic::set_hook(Box::new(|info| {
+                tracing::error!(panic = %info, "panic");
+            }));
+        }
     }
     guard
 }
 
-fn load_config(cli: &Cli) -> Result<Config, Failure> {
-    let path = match &cli.config {
+/// The config file: `--config` (or `OUTBOXD_CONFIG`), else `./outboxd.toml` if it exists.
+fn config_path(cli: &Cli) -> Option<PathBuf> {
+    match &cli.config {
         Some(path) => Some(path.clone()),
         None => {
             let default = PathBuf::from("outboxd.toml");
             default.exists().then_some(default)
         }
-    };
-    let (mut config, warnings) = Config::load(path.as_deref(), std::env::vars())?;
-    for warning in warnings {
+    }
+}
+
+fn load_layers(cli: &Cli) -> Result<crate::config::Layers, Failure> {
+    let mut layers = Config::load_layers(config_path(cli).as_deref(), std::env::vars())?;
+    for warning in &layers.warnings {
         tracing::warn!("{warning}");
     }
     if let Some(url) = &cli.database_url {
-        config.database.url = url.clone();
-        config.validate()?;
+        layers.config.database.url = url.clone();
+        layers.config.validate().map_err(|error| match error {
+            // The value came from the flag: say so, not [database] or DATABASE_URL.
+            ConfigError::Invalid {
+                key,
+                value,
+                problem,
+                ..
+            } if key == "database.url" => ConfigError::Invalid {
+                key: "--database-url".into(),
+                value,
+                problem: problem.replace(" (DATABASE_URL is honoured too)", ""),
+                fix: "pass --database-url as postgres://USER:PASSWORD@HOST:5432/DATABASE".into(),
+            },
+            other => other,
+        })?;
     }
-    Ok(config)
+    Ok(layers)
+}
+
+fn load_config(cli: &Cli) -> Result<Config, Failure> {
+    Ok(load_layers(cli)?.config)
+}
+
+fn config_command(cli: &Cli, command: &ConfigCommand) -> Result<(), Failure> {
+    let layers = load_layers(cli)?;
+    let file = config_path(cli).map(|p| p.display().to_string());
+    match command {
+        ConfigCommand::Check => {
+            let destinations = layers
+                .config
+                .router()
+                .map(|r| r.destinations().join(", "))
+                .unwrap_or_default();
+            println!(
+                "configuration ok ({}): delivers to {destinations}",
+                file.as_deref()
+                    .map_or("no file, defaults and environment".into(), |f| {
+                        format!("file {f}, then environment")
+                    })
+            );
+        }
+        ConfigCommand::Show => {
+            let flags: &[(&str, &'static str)] = if cli.database_url.is_some() {
+                &[("database.url", "--database-url")]
+            } else {
+                &[]
+            };
+            print!(
+                "{}",
+                crate::config_show::render(&layers, file.as_deref(), flags)
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn execute(cli: Cli) -> Result<(), Failure> {
+    if let Command::Config(command) = &cli.command {
+        return config_command(&cli, command);
+    }
+    if let Command::AlertRules { runbook_base } = &cli.command {
+        print!("{}", alert_rules(runbook_base)?);
+        return Ok(());
+    }
     let config = load_config(&cli)?;
     match cli.command {
         Command::Migrate { dry_run } => migrate_command(&config, dry_run).await,
@@ -214,9 +335,17 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
             }
             run_command(config).await
         }
-        Command::Status => status_command(&config).await,
+        Command::Status { json } => status_command(&config, json).await,
+        Command::Health {
+            live,
+            addr,
+            timeout,
+        } => health_command(&config, live, addr, timeout).await,
         Command::DeadLetters(command) => dead_letters_command(&config, command).await,
         Command::Demo { events } => demo_command(config, events).await,
+        Command::Config(_) | Command::AlertRules { .. } => {
+            unreachable!("answered before the config is loaded")
+        }
     }
 }
 
@@ -263,8 +392,9 @@ async fn migrate_command(config: &Config, dry_run: bool) -> Result<(), Failure> 
 
 async fn run_command(config: Config) -> Result<(), Failure> {
     let service = Outboxd::start(config).await.map_err(anyhow::Error::from)?;
-    tracing::info!("outboxd running");
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "outboxd running");
     let token = service.shutdown_token();
+    answer_hangups();
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("signal received: draining");
@@ -273,6 +403,24 @@ async fn run_command(config: Config) -> Result<(), Failure> {
     service.wait().await;
     tracing::info!("outboxd stopped");
     Ok(())
+}
+
+/// SIGHUP reloads nothing (the configuration is read once, at start): it is answered
+/// with a log line that says so, instead of the default of ending the process.
+fn answer_hangups() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut hangups) = signal(SignalKind::hangup()) {
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    tracing::warn!(
+                        "SIGHUP received: nothing is reloaded, the configuration is read at start only; restart outboxd to apply a change (SIGTERM drains, so a rolling restart loses nothing)"
+                    );
+                }
+            });
+        }
+    }
 }
 
 async fn wait_for_signal() {
@@ -297,11 +445,121 @@ async fn wait_for_signal() {
     }
 }
 
-async fn status_command(config: &Config) -> Result<(), Failure> {
+/// The base the shipped alert rules' runbook URLs carry, replaced by `alert-rules`.
+const SHIPPED_RUNBOOK_BASE: &str = "https://outboxd.example/docs";
+
+/// docs/alerts.yml with every runbook_url under `base`.
+fn alert_rules(base: &str) -> Result<String, Failure> {
+    let base = base.trim().trim_end_matches('/');
+    if !(base.starts_with("https://") || base.starts_with("http://"))
+        || base.contains(char::is_whitespace)
+    {
+        return Err(Failure {
+            code: 2,
+            message: format!(
+                "--runbook-base {base:?} is not an absolute http(s) URL: give where docs/ is served, e.g. https://wiki.example.com/outboxd/docs"
+            ),
+        });
+    }
+    Ok(include_str!("../docs/alerts.yml").replace(SHIPPED_RUNBOOK_BASE, base))
+}
+
+/// Where to ask: `addr`, or the address `http.listen` binds, with an unspecified IP
+/// (`0.0.0.0`, `[::]`) taken as this host's loopback.
+fn health_address(config: &Config, addr: Option<String>) -> Result<std::net::SocketAddr, Failure> {
+    let usage = |message: String| Failure { code: 2, message };
+    let text = match addr {
+        Some(addr) => addr,
+        None if config.http.listen.is_empty() => {
+            return Err(usage(
+                "the HTTP endpoint is off (http.listen is empty): set http.listen (OUTBOXD_HTTP_LISTEN) for the instance to answer health checks".into(),
+            ));
+        }
+        None => config.http.listen.clone(),
+    };
+    let mut address: std::net::SocketAddr = text.parse().map_err(|_| {
+        usage(format!(
+            "{text:?} is not an address to ask; give --addr as IP:PORT, e.g. 127.0.0.1:9187"
+        ))
+    })?;
+    if address.ip().is_unspecified() {
+        address.set_ip(match address.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(address)
+}
+
+async fn health_command(
+    config: &Config,
+    live: bool,
+    addr: Option<String>,
+    timeout: std::time::Duration,
+) -> Result<(), Failure> {
+    let address = health_address(config, addr)?;
+    let path = if live { "/healthz" } else { "/readyz" };
+    let url = format!("http://{address}{path}");
+    let not_ready = |message: String| Failure { code: 1, message };
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .map_err(|e| not_ready(format!("cannot make an HTTP client: {e}")))?;
+    let response = client.get(&url).send().await.map_err(|e| {
+        not_ready(format!(
+            "no answer from {url} within {}: {} (is outboxd running here, with http.listen {address}?)",
+            crate::duration_text::format(timeout),
+            e.without_url()
+        ))
+    })?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    if status.is_success() {
+        println!("{}", body.trim());
+        Ok(())
+    } else {
+        Err(not_ready(format!(
+            "{url} answered {}: {}",
+            status.as_u16(),
+            body.trim()
+        )))
+    }
+}
+
+async fn status_command(config: &Config, json: bool) -> Result<(), Failure> {
     let store = Store::connect(&config.database)
         .await
         .map_err(anyhow::Error::from)?;
     let rows = store.status().await.map_err(anyhow::Error::from)?;
+    let dead = rows
+        .iter()
+        .find(|r| r.status == "DEAD_LETTER")
+        .map_or(0, |r| r.events);
+    let default_rows = store
+        .default_partition_rows()
+        .await
+        .map_err(anyhow::Error::from)?;
+    if json {
+        let statuses: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "status": r.status,
+                    "events": r.events,
+                    "oldest_age_seconds": r.oldest_age_seconds,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "statuses": statuses,
+                "dead_letters": dead,
+                "default_partition_rows": default_rows,
+            })
+        );
+        return Ok(());
+    }
     println!("{:<12} {:>12} {:>14}", "status", "events", "oldest");
     for row in &rows {
         let oldest = row
@@ -310,17 +568,9 @@ async fn status_command(config: &Config) -> Result<(), Failure> {
             .unwrap_or_else(|| "-".into());
         println!("{:<12} {:>12} {:>14}", row.status, row.events, oldest);
     }
-    let dead = rows
-        .iter()
-        .find(|r| r.status == "DEAD_LETTER")
-        .map_or(0, |r| r.events);
     if dead > 0 {
         println!("\n{dead} dead letter(s): outboxd dead-letters list");
     }
-    let default_rows = store
-        .default_partition_rows()
-        .await
-        .map_err(anyhow::Error::from)?;
     if default_rows > 0 {
         println!(
             "\nwarning: {default_rows} row(s) in outbox_default (a daily partition was missing); run `outboxd migrate`"
@@ -342,6 +592,17 @@ impl From<DeadLetterError> for Failure {
     }
 }
 
+/// Who runs this command, for the redrive record: `$USER`, else `$LOGNAME`, else
+/// `cli@HOST` (containers often have neither).
+fn who_asks() -> String {
+    ["USER", "LOGNAME"]
+        .iter()
+        .filter_map(|name| std::env::var(name).ok())
+        .map(|name| name.trim().to_string())
+        .find(|name| !name.is_empty())
+        .unwrap_or_else(|| format!("cli@{}", crate::host_name()))
+}
+
 async fn dead_letters_command(config: &Config, command: DeadLettersCommand) -> Result<(), Failure> {
     let store = Store::connect(&config.database)
         .await
@@ -355,17 +616,14 @@ async fn dead_letters_command(config: &Config, command: DeadLettersCommand) -> R
             limit,
             json,
         } => {
-            let page = dead_letters::list(
-                &store,
-                &ListRequest {
-                    event_type,
-                    since,
-                    until,
-                    before_id,
-                    limit,
-                },
-            )
-            .await?;
+            let request = ListRequest {
+                event_type,
+                since,
+                until,
+                before_id,
+                limit,
+            };
+            let page = dead_letters::list(&store, &request).await?;
             if json {
                 println!(
                     "{}",
@@ -397,7 +655,22 @@ async fn dead_letters_command(config: &Config, command: DeadLettersCommand) -> R
                 );
             }
             if let Some(next) = page.next_before_id {
-                println!("\nmore: outboxd dead-letters list --before-id {next}");
+                // The same filters, the next page.
+                let mut command = String::from("outboxd dead-letters list");
+                let quoted = |text: &str| format!("'{}'", text.replace('\'', "'\\''"));
+                if let Some(t) = &request.event_type {
+                    command.push_str(&format!(" --event-type {}", quoted(t)));
+                }
+                if let Some(t) = &request.since {
+                    command.push_str(&format!(" --since {}", quoted(t)));
+                }
+                if let Some(t) = &request.until {
+                    command.push_str(&format!(" --until {}", quoted(t)));
+                }
+                if let Some(n) = request.limit {
+                    command.push_str(&format!(" --limit {n}"));
+                }
+                println!("\nmore: {command} --before-id {next}");
             }
         }
         DeadLettersCommand::Show { id, json } => {
@@ -439,9 +712,7 @@ async fn dead_letters_command(config: &Config, command: DeadLettersCommand) -> R
             }
         }
         DeadLettersCommand::Redrive { ids, reason, by } => {
-            let by = by
-                .or_else(|| std::env::var("USER").ok())
-                .unwrap_or_else(|| "cli".into());
+            let by = by.unwrap_or_else(who_asks);
             let done = dead_letters::redrive(&store, &ids, &reason, &by).await?;
             println!("redriven: {:?}", done.redriven);
             if !done.not_dead_letters.is_empty() {

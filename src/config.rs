@@ -217,6 +217,18 @@ impl Default for PartitionsConfig {
     }
 }
 
+/// A loaded config and the layers it was made of.
+#[derive(Debug, Clone)]
+pub struct Layers {
+    pub config: Config,
+    /// Warnings such as unknown `OUTBOXD_*` variables.
+    pub warnings: Vec<String>,
+    /// What the file set (empty without a file).
+    pub file: toml::Table,
+    /// What the environment set.
+    pub from_env: toml::Table,
+}
+
 impl Config {
     /// Reads `path` (if given, it must exist; `None` reads nothing), then applies the
     /// environment `env` (name, value pairs) on top, then validates.
@@ -225,6 +237,17 @@ impl Config {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<(Config, Vec<String>), ConfigError> {
+        let layers = Config::load_layers(path, env)?;
+        Ok((layers.config, layers.warnings))
+    }
+
+    /// [`Config::load`], keeping what the file and the environment each set (for
+    /// `outboxd config show`, which says where every value came from).
+    pub fn load_layers(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Layers, ConfigError> {
+        let env = read_secret_files(env.into_iter().collect())?;
         let mut table = match path {
             Some(path) => {
                 let text =
@@ -235,19 +258,32 @@ impl Config {
                 text.parse::<toml::Table>()
                     .map_err(|error| ConfigError::Malformed {
                         path: path.display().to_string(),
-                        reason: error.to_string().trim().replace('\n', " "),
+                        reason: crate::validate::plain_words(&error.to_string()),
                     })?
             }
             None => toml::Table::new(),
         };
+        let file = table.clone();
+        let mut from_env = toml::Table::new();
+        apply_env(&mut from_env, env.iter().cloned())?;
         let warnings = apply_env(&mut table, env)?;
-        let config: Config =
-            Config::deserialize(table).map_err(|error| ConfigError::Malformed {
-                path: path.map_or("(environment)".into(), |p| p.display().to_string()),
-                reason: error.to_string().trim().replace('\n', " "),
-            })?;
+        let config: Config = Config::deserialize(table).map_err(|error| {
+            let reason = crate::validate::plain_words(&error.to_string());
+            match path {
+                Some(path) => ConfigError::Malformed {
+                    path: path.display().to_string(),
+                    reason,
+                },
+                None => ConfigError::EnvironmentInvalid { reason },
+            }
+        })?;
         config.validate()?;
-        Ok((config, warnings))
+        Ok(Layers {
+            config,
+            warnings,
+            file,
+            from_env,
+        })
     }
 
     /// Checks every value's range and shape.
@@ -359,6 +395,59 @@ impl Config {
             .collect();
         Router::new(&rules, self.routing.unrouted)
     }
+}
+
+/// `NAME_FILE=/path` stands for `NAME=<the file's content>` (trailing newlines removed)
+/// for every setting variable (`DATABASE_URL_FILE`, `OUTBOXD_RABBITMQ_URL_FILE`,
+/// `OUTBOXD_WEBHOOK_BILLING_SECRETS_FILE`, ...), so secrets can come from Docker or
+/// Kubernetes secret files. Both forms of one variable at once is an error, and so is a
+/// file that cannot be read. A setting whose own name ends in `_FILE`
+/// (`OUTBOXD_RABBITMQ_CA_FILE`) is a setting, not a file variant.
+fn read_secret_files(env: Vec<(String, String)>) -> Result<Vec<(String, String)>, ConfigError> {
+    let defaults = toml::Table::try_from(Config::default()).expect("defaults serialize");
+    let settings: Vec<String> = defaults
+        .iter()
+        .filter_map(|(section, keys)| Some((section, keys.as_table()?)))
+        .flat_map(|(section, keys)| keys.keys().map(move |key| env_name(section, key)))
+        .chain(["DATABASE_URL".to_string()])
+        .collect();
+    let is_setting = |name: &str| {
+        settings.iter().any(|s| s == name)
+            || (name.starts_with("OUTBOXD_WEBHOOK_")
+                && crate::sink::webhook::config::ENV_KEYS
+                    .iter()
+                    .any(|key| name.ends_with(key)))
+    };
+    let mut out = Vec::with_capacity(env.len());
+    for (name, value) in &env {
+        let Some(base) = name.strip_suffix("_FILE") else {
+            out.push((name.clone(), value.clone()));
+            continue;
+        };
+        if is_setting(name) || !is_setting(base) {
+            out.push((name.clone(), value.clone()));
+            continue;
+        }
+        if env.iter().any(|(other, _)| other == base) {
+            return Err(ConfigError::Invalid {
+                key: base.to_string(),
+                value: format!("{base} and {name} are both set"),
+                problem: "one value given twice".into(),
+                fix: format!("set either {base} or {name}, not both"),
+            });
+        }
+        let content = std::fs::read_to_string(value).map_err(|error| ConfigError::Invalid {
+            key: name.clone(),
+            value: value.clone(),
+            problem: format!("cannot read the file: {error}"),
+            fix: format!("point {name} at a readable file holding the value of {base}"),
+        })?;
+        out.push((
+            base.to_string(),
+            content.trim_end_matches(['\n', '\r']).to_string(),
+        ));
+    }
+    Ok(out)
 }
 
 /// Applies `OUTBOXD_<SECTION>_<KEY>` and `DATABASE_URL` to the file's table. A value is
@@ -485,6 +574,77 @@ mod tests {
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn settings_can_be_read_from_files() {
+        let dir = std::env::temp_dir().join(format!("outboxd-files-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = dir.join("database_url");
+        std::fs::write(&url, "postgres://app:FROMFILE@db/app\n").unwrap();
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n").unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "not read by load").unwrap();
+        let path = |p: &std::path::Path| p.display().to_string();
+        let (config, warnings) = Config::load(
+            None,
+            vec![
+                ("DATABASE_URL_FILE".to_string(), path(&url)),
+                (
+                    "OUTBOXD_WEBHOOK_BILLING_URL".to_string(),
+                    "https://hooks.example/in".to_string(),
+                ),
+                (
+                    "OUTBOXD_WEBHOOK_BILLING_SECRETS_FILE".to_string(),
+                    path(&secret),
+                ),
+                // A setting of its own, not the file variant of OUTBOXD_RABBITMQ_CA.
+                ("OUTBOXD_RABBITMQ_CA_FILE".to_string(), path(&ca)),
+                (
+                    "OUTBOXD_ROUTING_ROUTES".to_string(),
+                    "*=webhook:billing".to_string(),
+                ),
+            ],
+        )
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(config.database.url, "postgres://app:FROMFILE@db/app");
+        assert_eq!(
+            config.webhooks["billing"].secrets[0].expose(),
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+        );
+        assert_eq!(config.rabbitmq.ca_file, path(&ca));
+        let both = Config::load(
+            None,
+            vec![
+                ("DATABASE_URL_FILE".to_string(), path(&url)),
+                (
+                    "DATABASE_URL".to_string(),
+                    "postgres://x@db/app".to_string(),
+                ),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            both.contains("either DATABASE_URL or DATABASE_URL_FILE"),
+            "{both}"
+        );
+        let missing = Config::load(
+            None,
+            vec![(
+                "OUTBOXD_RABBITMQ_URL_FILE".to_string(),
+                path(&dir.join("nope")),
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            missing.contains("OUTBOXD_RABBITMQ_URL_FILE") && missing.contains("cannot read"),
+            "{missing}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub struct ListRequest {
     pub until: Option<String>,
     /// The previous page's `next_before_id`.
     pub before_id: Option<i64>,
-    /// Page size; [`DEFAULT_PAGE`] when absent, at most [`MAX_PAGE`].
+    /// Page size; [`DEFAULT_PAGE`] when absent, 1 to [`MAX_PAGE`].
     pub limit: Option<i64>,
 }
 
@@ -83,18 +83,24 @@ pub fn parse_time(name: &str, text: Option<&str>) -> Result<Option<SystemTime>, 
 
 /// One page of dead letters.
 pub async fn list(store: &Store, request: &ListRequest) -> Result<Page, DeadLetterError> {
-    let limit = request.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let limit = request.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(DeadLetterError::BadRequest(format!(
+            "limit {limit} is out of range: give 1 to {MAX_PAGE} (default {DEFAULT_PAGE})"
+        )));
+    }
+    // One more than the page, to know whether another page follows.
     let filter = DeadLetterFilter {
         event_type: request.event_type.clone(),
         since: parse_time("since", request.since.as_deref())?,
         until: parse_time("until", request.until.as_deref())?,
         before_id: request.before_id,
-        limit,
+        limit: limit + 1,
     };
-    let items = store.list_dead_letters(&filter).await?;
-    let next_before_id = (items.len() as i64 >= limit)
-        .then(|| items.last().map(|d| d.id))
-        .flatten();
+    let mut items = store.list_dead_letters(&filter).await?;
+    let more = items.len() as i64 > limit;
+    items.truncate(limit as usize);
+    let next_before_id = more.then(|| items.last().map(|d| d.id)).flatten();
     Ok(Page {
         items,
         next_before_id,

@@ -34,6 +34,22 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
+/// A duration for people to read, rounded: `850ms`, `4.9s`, `42s`, `3m05s`.
+pub fn rounded(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 10_000 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else if ms < 60_000 {
+        format!("{}s", (ms + 500) / 1000)
+    } else {
+        let s = (ms + 500) / 1000;
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+/// A duration as config text (`500ms`, `30s`, `5m`, `1h`), exactly.
 pub fn format(d: Duration) -> String {
     let ms = d.as_millis();
     if !ms.is_multiple_of(1000) {
@@ -59,6 +75,20 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounded_durations_read_well() {
+        for (ms, text) in [
+            (0, "0ms"),
+            (850, "850ms"),
+            (4_894, "4.9s"),
+            (9_960, "10.0s"),
+            (42_400, "42s"),
+            (185_300, "3m05s"),
+        ] {
+            assert_eq!(rounded(Duration::from_millis(ms)), text);
+        }
+    }
 
     #[test]
     fn durations_parse_and_format() {

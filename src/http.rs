@@ -8,6 +8,7 @@ use crate::dead_letters::{self, DeadLetterError, ListRequest};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::http::{HeaderMap, StatusCode};
@@ -40,6 +41,7 @@ pub async fn bind(addr: &str) -> Result<TcpListener, String> {
 
 /// Serves until shutdown.
 pub async fn serve(listener: TcpListener, state: AppState, shutdown: CancellationToken) {
+    let api_off = state.admin_token.expose().is_empty();
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -47,9 +49,24 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
         .route("/api/dead-letters", get(list_dead_letters))
         .route("/api/dead-letters/redrive", post(redrive))
         .route("/api/dead-letters/{id}", get(show_event))
+        .fallback(|| async {
+            problem(
+                StatusCode::NOT_FOUND,
+                "no such endpoint: /metrics, /healthz, /readyz, /api/dead-letters, /api/dead-letters/ID, POST /api/dead-letters/redrive",
+            )
+        })
         .with_state(state);
-    let local: Option<SocketAddr> = listener.local_addr().ok();
-    tracing::info!(address = ?local, "serving /metrics, /healthz, /readyz and /api/dead-letters");
+    let address = listener
+        .local_addr()
+        .map_or_else(|_| "(unknown)".to_string(), |a: SocketAddr| a.to_string());
+    if api_off {
+        tracing::info!(
+            %address,
+            "serving /metrics, /healthz and /readyz; the dead-letter API is off (no http.admin_token)"
+        );
+    } else {
+        tracing::info!(%address, "serving /metrics, /healthz, /readyz and /api/dead-letters");
+    }
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
@@ -106,12 +123,8 @@ fn authorize(headers: &HeaderMap, token: &Secret) -> Result<(), Refusal> {
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("")
         .as_bytes();
-    let same = given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
+    // Constant time over the bytes (subtle); only the length can tell.
+    let same: bool = subtle::ConstantTimeEq::ct_eq(given, expected).into();
     if same {
         Ok(())
     } else {
@@ -145,11 +158,23 @@ impl IntoResponse for DeadLetterError {
 async fn list_dead_letters(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Response {
     if let Err(refused) = authorize(&headers, &state.admin_token) {
         return refused.into_response();
     }
+    let Query(query) = match query {
+        Ok(query) => query,
+        Err(rejection) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "bad query: {}; it takes event_type, since, until (RFC 3339), before_id and limit (whole numbers)",
+                    rejection.body_text()
+                ),
+            );
+        }
+    };
     let request = ListRequest {
         event_type: query.event_type,
         since: query.since,
@@ -166,11 +191,17 @@ async fn list_dead_letters(
 async fn show_event(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<i64>,
+    id: Result<Path<i64>, PathRejection>,
 ) -> Response {
     if let Err(refused) = authorize(&headers, &state.admin_token) {
         return refused.into_response();
     }
+    let Ok(Path(id)) = id else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "an event id is a whole number: GET /api/dead-letters/1234",
+        );
+    };
     match dead_letters::show(&state.store, id).await {
         Ok(event) => Json(event).into_response(),
         Err(error) => error.into_response(),
@@ -205,7 +236,20 @@ async fn redrive(
             );
         }
     };
+    // Worded for the API (the store's own words name the CLI's flags).
+    if request.reason.trim().is_empty() {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "a redrive needs a reason: \"reason\" is required (what was fixed, so the event can pass now)",
+        );
+    }
     let by = request.by.unwrap_or_else(|| "api".into());
+    if by.trim().is_empty() {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "\"by\" names who asks for the redrive: leave it out (it is then \"api\") or give a name",
+        );
+    }
     match dead_letters::redrive(&state.store, &request.ids, &request.reason, &by).await {
         Ok(done) => Json(done).into_response(),
         Err(error) => error.into_response(),

@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod config_show;
 pub mod dead_letters;
 pub mod duration_text;
 pub mod event;
@@ -30,3 +31,14 @@ pub use config::Config;
 pub use event::{Event, Outcome};
 pub use producer::{NewEvent, enqueue, enqueue_many};
 pub use service::Outboxd;
+
+/// This host's name (`HOSTNAME`, else the kernel's): in the RabbitMQ connection's name
+/// (`outboxd@HOST`) and the default `by` of a redrive from the CLI (`cli@HOST`).
+pub fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "unknown-host".into())
+}

@@ -4,8 +4,8 @@
 
 use crate::relay::Sweep;
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The `kind` label of `outbox_delivery_failures_total`.
@@ -35,6 +35,12 @@ impl FailureKind {
     }
 }
 
+/// Buckets of the latency histograms, in seconds.
+const LATENCY_BUCKETS: [f64; 18] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 3600.0,
+];
+
 /// Every metric of the instance, registered in its own registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -44,6 +50,7 @@ pub struct Metrics {
     pub delivery_failures: IntCounterVec,
     pub reaped: IntCounter,
     pub delivery_latency: Histogram,
+    pub destination_latency: HistogramVec,
     pub listener_connected: IntGauge,
     pub notifications: IntCounter,
     pub malformed_notifications: IntCounter,
@@ -96,10 +103,16 @@ impl Metrics {
                 "outbox_delivery_latency_seconds",
                 "From insert (created_at) to the last destination's acknowledgement.",
             )
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                60.0, 300.0, 900.0, 3600.0,
-            ]),
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("metric");
+        let destination_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "outbox_destination_latency_seconds",
+                "From insert (created_at) to this destination's acknowledgement.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["destination"],
         )
         .expect("metric");
         let listener_connected = IntGauge::new(
@@ -186,12 +199,25 @@ impl Metrics {
             "Claims made because of drain mode (polls), not because of a notification.",
         )
         .expect("metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "outbox_build_info",
+                "Always 1; its version label says which outboxd this instance runs.",
+            ),
+            &["version"],
+        )
+        .expect("metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         let mut names = Vec::new();
         for collector in [
-            Box::new(published.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(build_info) as Box<dyn prometheus::core::Collector>,
+            Box::new(published.clone()),
             Box::new(delivery_failures.clone()),
             Box::new(reaped.clone()),
             Box::new(delivery_latency.clone()),
+            Box::new(destination_latency.clone()),
             Box::new(listener_connected.clone()),
             Box::new(notifications.clone()),
             Box::new(malformed_notifications.clone()),
@@ -231,6 +257,7 @@ impl Metrics {
             delivery_failures,
             reaped,
             delivery_latency,
+            destination_latency,
             listener_connected,
             notifications,
             malformed_notifications,
@@ -260,6 +287,7 @@ impl Metrics {
     /// not as "no data". Called once per destination when the destinations are built.
     pub fn add_destination(&self, destination: &str) {
         self.published.with_label_values(&[destination]);
+        self.destination_latency.with_label_values(&[destination]);
         for kind in FailureKind::ALL {
             self.delivery_failures
                 .with_label_values(&[destination, kind.label()]);

@@ -14,6 +14,8 @@ pub enum ConfigError {
     Unreadable { path: String, reason: String },
     #[error("config file {path} is not valid: {reason}")]
     Malformed { path: String, reason: String },
+    #[error("the configuration from the environment is not valid: {reason}")]
+    EnvironmentInvalid { reason: String },
     #[error("invalid config {key} = {value:?}: {problem}; fix: {fix}")]
     Invalid {
         key: String,
@@ -21,6 +23,29 @@ pub enum ConfigError {
         problem: String,
         fix: String,
     },
+}
+
+/// A deserializer's complaint in the operator's words: Rust type names become what they
+/// mean (`expected usize` is `expected a whole number`).
+pub fn plain_words(reason: &str) -> String {
+    let mut text = reason.trim().replace('\n', " ");
+    for (rust, plain) in [
+        ("expected usize", "expected a whole number"),
+        ("expected u64", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+        ("expected u16", "expected a whole number"),
+        ("expected i64", "expected a whole number"),
+        ("expected i32", "expected a whole number"),
+        ("expected f64", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+        ("expected a string", "expected text in quotes"),
+        ("expected a sequence", "expected a list [...]"),
+        ("expected struct", "expected a table of"),
+        ("expected a map", "expected a table"),
+    ] {
+        text = text.replace(rust, plain);
+    }
+    text
 }
 
 /// The environment variable that overrides `section.key`.

@@ -188,6 +188,22 @@ async fn status_counts_events_per_status() {
     assert_eq!(line("DEAD_LETTER"), "1", "{stdout}");
     assert_eq!(line("PUBLISHED"), "0", "{stdout}");
     assert!(stdout.contains("1 dead letter"), "{stdout}");
+
+    let json = outboxd(&["status", "--json"], &[("DATABASE_URL", &db.url)]);
+    assert!(json.status.success(), "{}", stderr(&json));
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let events = |status: &str| {
+        value["statuses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["status"] == status)
+            .map(|s| s["events"].as_i64().unwrap())
+    };
+    assert_eq!(events("PENDING"), Some(2), "{value}");
+    assert_eq!(events("DEAD_LETTER"), Some(1), "{value}");
+    assert_eq!(value["dead_letters"], 1);
+    assert_eq!(value["default_partition_rows"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -477,6 +493,52 @@ fn terminate(child: &mut std::process::Child, within: std::time::Duration) -> Op
     None
 }
 
+/// SIGHUP neither ends the process (the default for that signal) nor reloads anything:
+/// it is answered with a line that says to restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_is_answered_with_a_line_and_changes_nothing() {
+    use std::io::{BufRead, BufReader};
+    let db = TestDb::new().await;
+    let broker = support::TestBroker::new(Some("#")).await;
+    let mut child = spawn_run(&db, &broker, std::process::Stdio::piped());
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let record = std::sync::Arc::clone(&lines);
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            record.lock().unwrap().push(line);
+        }
+    });
+    let said = |text: &str| lines.lock().unwrap().iter().any(|l| l.contains(text));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !said("outboxd running") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "outboxd did not start"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let sent = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !said("SIGHUP received") {
+        assert!(std::time::Instant::now() < deadline, "no word on SIGHUP");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(said("restart outboxd"));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the process"
+    );
+    assert_eq!(
+        terminate(&mut child, std::time::Duration::from_secs(20)),
+        Some(0)
+    );
+}
+
 /// Found: with standard error a closed pipe (`outboxd run 2>&1 | head -3`, a log shipper
 /// that died) SIGTERM hung until SIGKILL. Logging must never stop delivery or shutdown:
 /// not a closed pipe, not a full one that nobody reads.
@@ -519,4 +581,317 @@ async fn a_closed_or_unread_stderr_pipe_never_stops_delivery_or_shutdown() {
         let code = terminate(&mut child, std::time::Duration::from_secs(20));
         assert_eq!(code, Some(0), "{case}: SIGTERM ends it, exit 0");
     }
+}
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `outboxd health` answers for the instance on this host: 0 once it is ready, 1 with
+/// the reason while it is not (RabbitMQ unreachable), 1 naming the address when nothing
+/// answers, and 2 when there is no HTTP endpoint to ask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_exits_zero_only_while_the_instance_is_ready() {
+    let db = TestDb::new().await;
+    let broker = support::TestBroker::new(Some("#")).await;
+    for (case, amqp) in [
+        ("ready", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+        ("broker unreachable", "amqp://guest:guest@127.0.0.1:1/%2f"),
+    ] {
+        let port = free_port();
+        // Asked as a container asks: the instance binds every address, health finds it.
+        let listen = format!("0.0.0.0:{port}");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_outboxd"));
+        for (name, _) in std::env::vars() {
+            if name.starts_with("OUTBOXD_") || name == "DATABASE_URL" {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command
+            .arg("run")
+            .env("DATABASE_URL", &db.url)
+            .env("OUTBOXD_RABBITMQ_URL", amqp)
+            .env("OUTBOXD_RABBITMQ_EXCHANGE", &broker.exchange)
+            .env("OUTBOXD_RABBITMQ_DECLARE_EXCHANGE", "false")
+            .env("OUTBOXD_HTTP_LISTEN", &listen)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let env = [
+            ("DATABASE_URL", db.url.as_str()),
+            ("OUTBOXD_HTTP_LISTEN", listen.as_str()),
+        ];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        let mut last;
+        loop {
+            last = outboxd(&["health"], &env);
+            let settled = if case == "ready" {
+                last.status.success()
+            } else {
+                stderr(&last).contains("rabbitmq")
+            };
+            if settled || std::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let text = stderr(&last);
+        if case == "ready" {
+            assert!(last.status.success(), "{case}: {text}");
+            assert!(
+                String::from_utf8_lossy(&last.stdout).contains("ready"),
+                "{case}"
+            );
+        } else {
+            assert_eq!(last.status.code(), Some(1), "{case}: {text}");
+            assert!(
+                text.contains("503") && text.contains("rabbitmq"),
+                "{case}: the reason is named: {text}"
+            );
+            assert!(
+                outboxd(&["health", "--live"], &env).status.success(),
+                "{case}: alive all the same"
+            );
+        }
+        assert_eq!(
+            terminate(&mut child, std::time::Duration::from_secs(20)),
+            Some(0)
+        );
+    }
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let unreachable = outboxd(&["health", "--addr", &nobody], &[("DATABASE_URL", &db.url)]);
+    assert_eq!(unreachable.status.code(), Some(1));
+    assert!(
+        stderr(&unreachable).contains(&nobody),
+        "{}",
+        stderr(&unreachable)
+    );
+    let off = outboxd(
+        &["health"],
+        &[("DATABASE_URL", &db.url), ("OUTBOXD_HTTP_LISTEN", "")],
+    );
+    assert_eq!(off.status.code(), Some(2), "{}", stderr(&off));
+    assert!(stderr(&off).contains("http.listen"), "{}", stderr(&off));
+}
+
+/// `outboxd config check` validates file, environment and flags without connecting to
+/// anything (0 or 2); `config show` prints the effective values with their sources and
+/// no secret.
+#[test]
+fn config_check_and_show_answer_without_connecting() {
+    let env = [
+        // Nothing listens there: neither command may try.
+        ("DATABASE_URL", "postgres://app:DBPASSWORD@127.0.0.1:1/app"),
+        ("OUTBOXD_RELAY_BATCH_SIZE", "200"),
+    ];
+    let checked = outboxd(&["config", "check"], &env);
+    assert!(checked.status.success(), "{}", stderr(&checked));
+    let said = String::from_utf8_lossy(&checked.stdout).into_owned();
+    assert!(
+        said.contains("configuration ok") && said.contains("rabbitmq"),
+        "{said}"
+    );
+
+    let bad = outboxd(
+        &["config", "check"],
+        &[
+            ("DATABASE_URL", env[0].1),
+            ("OUTBOXD_RELAY_BATCH_SIZE", "many"),
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        stderr(&bad).contains("relay.batch_size")
+            && stderr(&bad).contains("OUTBOXD_RELAY_BATCH_SIZE"),
+        "{}",
+        stderr(&bad)
+    );
+
+    let shown = outboxd(
+        &[
+            "config",
+            "show",
+            "--database-url",
+            "postgres://cli:FLAGPASSWORD@127.0.0.1:1/app",
+        ],
+        &env,
+    );
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    let text = String::from_utf8_lossy(&shown.stdout).into_owned();
+    assert!(!text.contains("PASSWORD"), "{text}");
+    assert!(
+        text.contains("url = \"postgres://cli:***@127.0.0.1:1/app\"  # flag --database-url"),
+        "{text}"
+    );
+    assert!(text.contains("batch_size = 200  # environment"), "{text}");
+    assert!(
+        text.contains("max_in_flight_batches = 4  # default"),
+        "{text}"
+    );
+}
+
+/// In JSON log mode every line on standard error is JSON, the fatal error included.
+#[test]
+fn json_log_mode_writes_the_fatal_error_as_json_too() {
+    let output = outboxd(
+        &["--log-format", "json", "status"],
+        &[("DATABASE_URL", "postgres://app:SECRET@127.0.0.1:1/app")],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let text = stderr(&output);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    let fatal = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("outboxd: error:"))
+        })
+        .unwrap_or_else(|| panic!("no fatal line in {text}"));
+    assert_eq!(fatal["level"], "ERROR");
+    assert_eq!(fatal["exit_code"], 1);
+    assert!(!text.contains("SECRET"), "{text}");
+}
+
+/// Configuration errors speak the operator's words: no Rust type names, no "config file
+/// (environment)" when there is no file, and a bad `--database-url` names the flag.
+#[test]
+fn config_errors_name_what_the_operator_wrote() {
+    let dir = std::env::temp_dir().join(format!("outboxd-words-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("outboxd.toml");
+    std::fs::write(&file, "[relay]\nbatch_size = \"lots\"\n").unwrap();
+    let typed = outboxd(
+        &["--config", file.to_str().unwrap(), "config", "check"],
+        &[],
+    );
+    let text = stderr(&typed);
+    assert_eq!(typed.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("whole number") && text.contains("batch_size") && !text.contains("usize"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let from_env = outboxd(&["config", "check"], &[("OUTBOXD_RELAY_LEASE", "soon")]);
+    let text = stderr(&from_env);
+    assert_eq!(from_env.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("from the environment") && !text.contains("config file (environment)"),
+        "{text}"
+    );
+
+    let flag = outboxd(&["--database-url", "not a url", "status"], &[]);
+    let text = stderr(&flag);
+    assert_eq!(flag.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("--database-url")
+            && !text.contains("[database]")
+            && !text.contains("DATABASE_URL is honoured"),
+        "{text}"
+    );
+}
+
+/// `dead-letters list` pages keep the filters given, the last page offers no next one,
+/// an out-of-range `--limit` is refused, and a redrive run where neither `$USER` nor
+/// `$LOGNAME` is set is recorded as `cli@HOST`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_pages_keep_their_filters_and_end_cleanly() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             SELECT 'order', g::text, CASE WHEN g <= 3 THEN 'order.x' ELSE 'user.x' END, '{}'
+               FROM generate_series(1, 5) g;
+             UPDATE outbox SET status = 'DEAD_LETTER', last_error = 'x', processed_at = now();",
+        )
+        .await
+        .unwrap();
+    let env = [("DATABASE_URL", db.url.as_str())];
+    let list = |args: &[&str]| {
+        let mut all = vec!["dead-letters", "list"];
+        all.extend_from_slice(args);
+        let output = outboxd(&all, &env);
+        assert!(output.status.success(), "{}", stderr(&output));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let first = list(&["--event-type", "order.*", "--limit", "2"]);
+    let more = first
+        .lines()
+        .find_map(|l| l.strip_prefix("more: "))
+        .unwrap_or_else(|| panic!("no next page offered: {first}"));
+    assert!(
+        more.starts_with("outboxd dead-letters list --event-type 'order.*' --limit 2 --before-id "),
+        "{more}"
+    );
+    let before = more.rsplit(' ').next().unwrap();
+    let last = list(&[
+        "--event-type",
+        "order.*",
+        "--limit",
+        "2",
+        "--before-id",
+        before,
+    ]);
+    assert_eq!(last.matches("order.x").count(), 1, "{last}");
+    assert!(
+        !last.contains("more:"),
+        "the last page offers no next one: {last}"
+    );
+    let exact = list(&["--event-type", "user.*", "--limit", "2"]);
+    assert!(
+        !exact.contains("more:"),
+        "a full last page is the last: {exact}"
+    );
+    let zero = outboxd(&["dead-letters", "list", "--limit", "0"], &env);
+    assert_eq!(zero.status.code(), Some(2));
+    assert!(stderr(&zero).contains("1 to 1000"), "{}", stderr(&zero));
+
+    let id: i64 = client
+        .query_one("SELECT min(id) FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_outboxd"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("OUTBOXD_")
+            || name == "DATABASE_URL"
+            || name == "USER"
+            || name == "LOGNAME"
+        {
+            command.env_remove(name);
+        }
+    }
+    let redriven = command
+        .args([
+            "dead-letters",
+            "redrive",
+            "--id",
+            &id.to_string(),
+            "--reason",
+            "fixed",
+        ])
+        .env("DATABASE_URL", &db.url)
+        .env("HOSTNAME", "ops-box-7")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(redriven.status.success(), "{}", stderr(&redriven));
+    let by: String = client
+        .query_one("SELECT redriven_by FROM outbox_redrives", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(by, "cli@ops-box-7");
 }

@@ -259,6 +259,18 @@ async fn metrics_pass_promtool_and_counters_move_by_the_right_amounts() {
         s("outbox_delivery_latency_seconds_count"),
         (DELIVERED + 2) as f64
     );
+    // Per destination: one observation per acknowledgement, as published counts them.
+    for destination in ["rabbitmq", "webhook:hook"] {
+        assert_eq!(
+            s(&format!(
+                "outbox_destination_latency_seconds_count{{destination=\"{destination}\"}}"
+            )),
+            s(&format!(
+                "outbox_events_published_total{{destination=\"{destination}\"}}"
+            )),
+            "{destination}"
+        );
+    }
     assert_eq!(s("outbox_listener_connected"), 1.0);
     assert!(s("outbox_notifications_total") >= 8.0);
     // Cluster-wide (every database's listeners share one queue): it must equal what the
@@ -287,6 +299,13 @@ async fn metrics_pass_promtool_and_counters_move_by_the_right_amounts() {
     );
     assert_eq!(s("outbox_default_partition_rows"), 0.0);
     assert!(s("process_resident_memory_bytes") > 0.0);
+    assert!(
+        exposition.contains(&format!(
+            "outbox_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "the build-info gauge names the version"
+    );
     for name in exported_names() {
         assert!(
             exposition.contains(&format!("# TYPE {name} ")),
@@ -667,6 +686,24 @@ async fn dead_letters_are_redriven_only_with_a_reason_on_the_record() {
     .await;
     assert_eq!(status, 400);
     assert!(body.contains("needs a reason"), "{body}");
+    assert!(
+        body.contains("\\\"reason\\\" is required") && !body.contains("--reason"),
+        "the API's words, not the CLI's: {body}"
+    );
+    // Every API error is JSON, also what axum would answer in plain text.
+    for (method, path, body, expected) in [
+        ("GET", "/api/dead-letters/abc", None, 400),
+        ("GET", "/api/dead-letters?limit=many", None, 400),
+        ("GET", "/api/dead-letters?limit=0", None, 400),
+        ("GET", "/api/no-such-thing", None, 404),
+        ("POST", "/api/dead-letters/redrive", Some("{not json"), 400),
+    ] {
+        let (status, text) = http_request(addr, method, path, &auth, body).await;
+        assert_eq!(status, expected, "{method} {path}: {text}");
+        let parsed: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{method} {path} answered no JSON: {text}"));
+        assert!(parsed["error"].is_string(), "{method} {path}: {text}");
+    }
     let cli = Command::new(env!("CARGO_BIN_EXE_outboxd"))
         .args([
             "dead-letters",
@@ -761,4 +798,56 @@ async fn dead_letters_are_redriven_only_with_a_reason_on_the_record() {
     let text = String::from_utf8_lossy(&cli.stdout);
     assert!(text.contains("by bob: crm fixed"), "{text}");
     service.stop().await;
+}
+
+/// `outboxd alert-rules --runbook-base URL` prints the shipped rules with every
+/// runbook_url absolute under that base; promtool accepts the result; a base that is not
+/// an absolute URL is refused.
+#[test]
+fn alert_rules_point_their_runbooks_at_the_given_base() {
+    let base = "https://wiki.example.com/outboxd/docs";
+    let printed = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["alert-rules", "--runbook-base", &format!("{base}/")])
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(
+        printed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&printed.stderr)
+    );
+    let rules = String::from_utf8(printed.stdout).unwrap();
+    let urls: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runbook_url: "))
+        .collect();
+    assert!(urls.len() >= 8, "{rules}");
+    for url in &urls {
+        assert!(
+            url.trim_matches('"')
+                .starts_with(&format!("{base}/operations.md#")),
+            "{url}"
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("outboxd-rules-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("outboxd.yml");
+    std::fs::write(&path, &rules).unwrap();
+    let checked = Command::new(promtool())
+        .args(["check", "rules"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let refused = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["alert-rules", "--runbook-base", "wiki/outboxd"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
 }

@@ -170,6 +170,12 @@ impl Deliverer {
                     .published
                     .with_label_values(&[destination])
                     .inc();
+                if let Ok(latency) = std::time::SystemTime::now().duration_since(event.created_at) {
+                    self.metrics
+                        .destination_latency
+                        .with_label_values(&[destination])
+                        .observe(latency.as_secs_f64());
+                }
             }
             Outcome::Retry { reason, .. } => {
                 self.metrics.failed(destination, FailureKind::Retry);

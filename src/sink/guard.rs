@@ -51,8 +51,9 @@ impl Guarded {
             if let Admission::Nothing { retry_in } = admission {
                 return Outcome::Deferred {
                     reason: format!(
-                        "circuit open: {} is failing; next probe in {retry_in:?}",
-                        self.name()
+                        "circuit open: {} is failing; next probe in {}",
+                        self.name(),
+                        crate::duration_text::rounded(retry_in)
                     ),
                     not_before: retry_in,
                 };
@@ -99,8 +100,9 @@ impl Guarded {
                 0,
                 Some((
                     format!(
-                        "circuit open: {} is failing; next probe in {retry_in:?}",
-                        self.name()
+                        "circuit open: {} is failing; next probe in {}",
+                        self.name(),
+                        crate::duration_text::rounded(retry_in)
                     ),
                     retry_in,
                 )),
@@ -153,7 +155,8 @@ impl Guarded {
                 tracing::warn!(
                     destination = %self.name(),
                     cool_down_ms = cool_down.as_millis() as u64,
-                    "circuit opened: destination failing; its events wait without using attempts"
+                    "circuit opened: destination failing; its events are parked without using attempts; next probe in {}",
+                    crate::duration_text::rounded(cool_down)
                 );
             }
             Some(Transition::Closed) => {

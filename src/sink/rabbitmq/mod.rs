@@ -99,7 +99,7 @@ impl RabbitMqSink {
             tracing::warn!(
                 destination = DESTINATION,
                 %error,
-                "RabbitMQ unreachable; events wait (deferred, no attempt charged)"
+                "RabbitMQ unreachable; its events wait (parked, no attempt charged)"
             )
         })?;
         opened.generation = self
@@ -123,9 +123,14 @@ impl RabbitMqSink {
 
     async fn open(&self) -> Result<Live, String> {
         let url = &self.config.url;
+        // Named, so operators find it in the management UI: `outboxd@HOST`.
+        let properties = || {
+            ConnectionProperties::default()
+                .with_connection_name(format!("outboxd@{}", crate::host_name()).into())
+        };
         let connect = async {
             if self.config.ca_file.is_empty() {
-                return Connection::connect(url, ConnectionProperties::default()).await;
+                return Connection::connect(url, properties()).await;
             }
             // amqps with a private CA: trust exactly the configured certificates.
             let cert_chain = std::fs::read_to_string(&self.config.ca_file).map_err(|e| {
@@ -137,7 +142,7 @@ impl RabbitMqSink {
             };
             Connection::connect_with_config(
                 url,
-                ConnectionProperties::default(),
+                properties(),
                 tls,
                 lapin::runtime::default_runtime()?,
             )
@@ -279,8 +284,8 @@ impl RabbitMqSink {
                 Err(_) => {
                     lost_confirms = true;
                     Outcome::destination_failed(format!(
-                        "no publisher confirm within {:?}; the message may or may not have been stored",
-                        self.config.confirm_timeout
+                        "no publisher confirm within {}; the message may or may not have been stored",
+                        crate::duration_text::format(self.config.confirm_timeout)
                     ))
                 }
             });

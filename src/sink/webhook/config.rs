@@ -162,6 +162,18 @@ pub fn env_name(name: &str, key: &str) -> String {
     )
 }
 
+/// The `_<KEY>` endings of `OUTBOXD_WEBHOOK_<NAME>_<KEY>`, longest first where one ends
+/// another.
+pub const ENV_KEYS: [&str; 7] = [
+    "_MAX_IN_FLIGHT",
+    "_FAILURES_TO_OPEN",
+    "_COOL_DOWN",
+    "_SECRETS",
+    "_SECRET",
+    "_TIMEOUT",
+    "_URL",
+];
+
 /// Applies `OUTBOXD_WEBHOOK_<NAME>_<KEY>` to the `[webhooks]` table of the config file:
 /// defines or overrides webhook `name` (lowercased). Keys: `URL`, `SECRET`/`SECRETS`
 /// (several separated by spaces or commas), `TIMEOUT`, `MAX_IN_FLIGHT`,
@@ -170,15 +182,7 @@ pub fn apply_env(
     webhooks: &mut toml::Table,
     env: &[(String, String)],
 ) -> Result<Vec<String>, ConfigError> {
-    const KEYS: [&str; 7] = [
-        "_MAX_IN_FLIGHT",
-        "_FAILURES_TO_OPEN",
-        "_COOL_DOWN",
-        "_SECRETS",
-        "_SECRET",
-        "_TIMEOUT",
-        "_URL",
-    ];
+    const KEYS: [&str; 7] = ENV_KEYS;
     let mut used = Vec::new();
     for (variable, raw) in env {
         let Some(rest) = variable.strip_prefix("OUTBOXD_WEBHOOK_") else {

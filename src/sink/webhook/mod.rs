@@ -171,7 +171,10 @@ impl WebhookSink {
             source = inner.source();
         }
         let reason = if error.is_timeout() {
-            format!("no response within {:?} (timeout)", self.timeout)
+            format!(
+                "no response within {} (timeout)",
+                crate::duration_text::format(self.timeout)
+            )
         } else if error.is_connect() {
             format!("cannot connect: {detail}")
         } else {
