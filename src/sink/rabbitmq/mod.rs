@@ -30,7 +30,11 @@ pub const DESTINATION: &str = "rabbitmq";
 
 struct Live {
     connection: Connection,
-    channel: Channel,
+    /// Channels in confirm mode that no batch uses now. A batch has a channel to itself:
+    /// lapin hands a mandatory return to whichever confirm of the channel it resolves
+    /// next, so on a shared channel one batch's return could be read by another and
+    /// the returned event taken for delivered.
+    idle: std::sync::Mutex<Vec<Channel>>,
     /// Which connection this is (the n-th opened), so a batch retires only its own.
     generation: u64,
 }
@@ -44,16 +48,34 @@ struct InUse {
 }
 
 impl Live {
-    fn in_use(&self) -> InUse {
+    /// A channel of this batch's own: an idle one, or a new one in confirm mode (given
+    /// up after `wait`: a broker that stopped answering must not hang the batch).
+    async fn in_use(&self, wait: std::time::Duration) -> Result<InUse, String> {
         let frame_max = match self.connection.configuration().frame_max() {
             0 => usize::MAX,
             max => max as usize,
         };
-        InUse {
-            channel: self.channel.clone(),
+        let idle = {
+            let mut idle = self.idle.lock().expect("idle channels");
+            idle.retain(|c| c.status().connected());
+            idle.pop()
+        };
+        let channel = match idle {
+            Some(channel) => channel,
+            None => tokio::time::timeout(wait, confirming_channel(&self.connection))
+                .await
+                .map_err(|_| {
+                    format!(
+                        "RabbitMQ did not open a channel within {}",
+                        crate::duration_text::format(wait)
+                    )
+                })??,
+        };
+        Ok(InUse {
+            channel,
             generation: self.generation,
             frame_max,
-        }
+        })
     }
 
     /// Closes a connection that is no longer trusted, without waiting for it.
@@ -63,6 +85,19 @@ impl Live {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), closing).await;
         });
     }
+}
+
+/// A new channel on `connection`, in publisher-confirm mode.
+async fn confirming_channel(connection: &Connection) -> Result<Channel, String> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| format!("cannot open a RabbitMQ channel: {e}"))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| format!("cannot enable publisher confirms: {e}"))?;
+    Ok(channel)
 }
 
 /// Publishes events to one exchange with publisher confirms.
@@ -84,13 +119,13 @@ impl RabbitMqSink {
         })
     }
 
-    /// The open channel, connecting first if needed.
+    /// A channel for one batch, connecting first if needed.
     async fn channel(&self) -> Result<InUse, String> {
         let mut live = self.live.lock().await;
         if let Some(current) = live.as_ref()
-            && current.channel.status().connected()
+            && current.connection.status().connected()
         {
-            return Ok(current.in_use());
+            return current.in_use(self.config.confirm_timeout).await;
         }
         if let Some(old) = live.take() {
             old.retire();
@@ -105,9 +140,25 @@ impl RabbitMqSink {
         opened.generation = self
             .opened
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let in_use = opened.in_use();
+        let in_use = opened.in_use(self.config.confirm_timeout).await;
         *live = Some(opened);
-        Ok(in_use)
+        in_use
+    }
+
+    /// A batch is done with its channel: idle again if its connection is still the
+    /// current one and the channel still open.
+    async fn give_back(&self, used: InUse) {
+        let live = self.live.lock().await;
+        if let Some(current) = live.as_ref()
+            && current.generation == used.generation
+            && used.channel.status().connected()
+        {
+            current
+                .idle
+                .lock()
+                .expect("idle channels")
+                .push(used.channel);
+        }
     }
 
     /// Retires connection `generation` if it is still the current one (another batch
@@ -157,14 +208,7 @@ impl RabbitMqSink {
                     redact(url)
                 )
             })?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| format!("cannot open a RabbitMQ channel: {e}"))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| format!("cannot enable publisher confirms: {e}"))?;
+        let channel = confirming_channel(&connection).await?;
         if self.config.declare_exchange {
             let kind = match self.config.exchange_type.as_str() {
                 "direct" => ExchangeKind::Direct,
@@ -192,12 +236,19 @@ impl RabbitMqSink {
         }
         Ok(Live {
             connection,
-            channel,
+            idle: std::sync::Mutex::new(vec![channel]),
             generation: 0,
         })
     }
 
     async fn publish_batch(&self, events: &[Event]) -> Vec<Outcome> {
+        let Ok(exchange) = ShortString::try_new(self.config.exchange.as_str()) else {
+            let refused = "rabbitmq.exchange is longer than 255 bytes; shorten it";
+            return events
+                .iter()
+                .map(|_| Outcome::destination_failed(refused))
+                .collect();
+        };
         let used = match self.channel().await {
             Ok(used) => used,
             Err(reason) => {
@@ -209,13 +260,6 @@ impl RabbitMqSink {
                     })
                     .collect();
             }
-        };
-        let Ok(exchange) = ShortString::try_new(self.config.exchange.as_str()) else {
-            let refused = "rabbitmq.exchange is longer than 255 bytes; shorten it";
-            return events
-                .iter()
-                .map(|_| Outcome::destination_failed(refused))
-                .collect();
         };
         let mut outcomes: Vec<Option<Outcome>> = vec![None; events.len()];
         let mut confirms = Vec::with_capacity(events.len());
@@ -277,9 +321,31 @@ impl RabbitMqSink {
             },
         ))
         .await;
+        // A mandatory return is handed to whichever confirm lapin resolves next, which
+        // under a multiple-ack need not be the returned message's own: read each
+        // return's message_id (the event's tracking_id) and blame exactly that event.
+        let returned: std::collections::HashMap<String, (u16, String)> = results
+            .iter()
+            .filter_map(|(_, _, result)| match result {
+                Ok(Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)))) => Some((
+                    r.properties.message_id().as_ref()?.to_string(),
+                    (r.reply_code, r.reply_text.to_string()),
+                )),
+                _ => None,
+            })
+            .collect();
         let mut lost_confirms = false;
         for (index, routing_key, result) in results {
+            let own_return = returned.get(&events[index].tracking_id.to_string());
             outcomes[index] = Some(match result {
+                Ok(_) if own_return.is_some() => {
+                    let (code, text) = own_return.expect("just checked");
+                    self.unroutable(*code, text, &routing_key)
+                }
+                Ok(Ok(Confirmation::Ack(Some(_)))) => Outcome::Delivered,
+                Ok(Ok(Confirmation::Nack(Some(_)))) => {
+                    self.classify(Ok(Confirmation::Nack(None)), &routing_key)
+                }
                 Ok(confirmed) => self.classify(confirmed, &routing_key),
                 Err(_) => {
                     lost_confirms = true;
@@ -293,6 +359,8 @@ impl RabbitMqSink {
         if lost_confirms {
             // A connection that lost confirms is not trusted again; only this batch's.
             self.retire(used.generation).await;
+        } else {
+            self.give_back(used).await;
         }
         outcomes
             .into_iter()
@@ -300,15 +368,22 @@ impl RabbitMqSink {
             .collect()
     }
 
+    fn unroutable(&self, code: u16, text: &str, routing_key: &str) -> Outcome {
+        Outcome::event_failed(format!(
+            "returned by RabbitMQ as unroutable: {code} {text} (exchange {:?}, routing key {routing_key:?}); bind a queue that matches this routing key",
+            self.config.exchange
+        ))
+    }
+
     fn classify(&self, result: lapin::Result<Confirmation>, routing_key: &str) -> Outcome {
         match result {
             Ok(Confirmation::Ack(None)) => Outcome::Delivered,
-            Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
-                Outcome::event_failed(format!(
-                    "returned by RabbitMQ as unroutable: {} {} (exchange {:?}, routing key {:?}); bind a queue that matches this routing key",
-                    returned.reply_code, returned.reply_text, self.config.exchange, routing_key
-                ))
-            }
+            Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => self
+                .unroutable(
+                    returned.reply_code,
+                    returned.reply_text.as_str(),
+                    routing_key,
+                ),
             Ok(Confirmation::Nack(None)) => Outcome::event_failed(format!(
                 "nacked by RabbitMQ (exchange {:?}, routing key {routing_key:?}): the broker could not store it",
                 self.config.exchange
@@ -345,6 +420,10 @@ impl Sink for RabbitMqSink {
     }
 
     fn connect(&self) -> BoxFuture<'_, Result<(), String>> {
-        Box::pin(async { self.channel().await.map(|_| ()) })
+        Box::pin(async {
+            let used = self.channel().await?;
+            self.give_back(used).await;
+            Ok(())
+        })
     }
 }
