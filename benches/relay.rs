@@ -678,35 +678,12 @@ async fn outage_rewrites(backlog: usize, down: Duration) -> (f64, bool) {
     config.rabbitmq.url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
     let service = support::start(config).await;
     support::wait_started(&service).await;
-    db.client()
-        .await
-        .batch_execute(
-            "CREATE TABLE bench_row_updates (n int8 NOT NULL);
-             CREATE FUNCTION bench_count_updates() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-                 INSERT INTO bench_row_updates SELECT count(*) FROM changed;
-                 RETURN NULL;
-             END $$;
-             CREATE TRIGGER bench_count_updates AFTER UPDATE ON outbox
-                 REFERENCING NEW TABLE AS changed
-                 FOR EACH STATEMENT EXECUTE FUNCTION bench_count_updates();",
-        )
-        .await
-        .expect("update counter");
+    let updates = support::RowUpdates::install(&db).await;
     proxy.refuse(true);
     proxy.cut();
     db.insert_backlog(backlog as i64).await;
     tokio::time::sleep(down).await;
-    let rewritten: i64 = db
-        .client()
-        .await
-        .query_one(
-            "SELECT coalesce(sum(n), 0)::int8 FROM bench_row_updates",
-            &[],
-        )
-        .await
-        .expect("count")
-        .get(0);
+    let rewritten = updates.total(&db).await;
     proxy.refuse(false);
     let received = broker.wait_for(backlog, Duration::from_secs(120)).await;
     service.stop().await;

@@ -10,7 +10,8 @@
 --
 -- `outbox_notify_ids(ids, since, until)` sends the ranges and the bounds in one
 -- notification, or an empty payload (a sweep) when they would not fit in 7,999 bytes.
--- The one-argument form stays for anything that calls it, announcing without bounds.
+-- The one-argument form stays for anything that calls it: it announces without bounds,
+-- through the new one, so the encoding lives in one function.
 CREATE OR REPLACE FUNCTION outbox_notify_ids(ids int8[], since timestamptz, until timestamptz)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
@@ -41,6 +42,11 @@ BEGIN
 END;
 $$;
 GRANT EXECUTE ON FUNCTION outbox_notify_ids(int8[], timestamptz, timestamptz) TO PUBLIC;
+
+CREATE OR REPLACE FUNCTION outbox_notify_ids(ids int8[]) RETURNS void
+LANGUAGE sql VOLATILE
+SET search_path FROM CURRENT
+AS $$ SELECT outbox_notify_ids(ids, NULL::timestamptz, NULL::timestamptz) $$;
 
 -- As in 0006, announcing the statement's created_at bounds with its ids.
 CREATE OR REPLACE FUNCTION outbox_notify() RETURNS trigger

@@ -917,43 +917,6 @@ async fn the_retry_claim_reads_only_rescheduled_events_through_their_own_index()
     );
 }
 
-/// Counts the outbox rows every statement rewrites, exactly (a statement-level trigger
-/// with a transition table: no statistics flush lag), for the tests that bound them.
-struct RowUpdates;
-
-impl RowUpdates {
-    async fn install(db: &TestDb) -> RowUpdates {
-        db.client()
-            .await
-            .batch_execute(
-                "CREATE TABLE test_row_updates (n int8 NOT NULL);
-                 CREATE FUNCTION test_count_updates() RETURNS trigger LANGUAGE plpgsql AS $$
-                 BEGIN
-                     INSERT INTO test_row_updates SELECT count(*) FROM changed;
-                     RETURN NULL;
-                 END $$;
-                 CREATE TRIGGER test_count_updates AFTER UPDATE ON outbox
-                     REFERENCING NEW TABLE AS changed
-                     FOR EACH STATEMENT EXECUTE FUNCTION test_count_updates();",
-            )
-            .await
-            .unwrap();
-        RowUpdates
-    }
-
-    async fn total(&self, db: &TestDb) -> i64 {
-        db.client()
-            .await
-            .query_one(
-                "SELECT coalesce(sum(n), 0)::int8 FROM test_row_updates",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0)
-    }
-}
-
 /// What a claim with an avoid/want filter must take, as the router sees it.
 fn claimable(
     router: &outboxd::routing::Router,
@@ -1176,7 +1139,7 @@ async fn a_broker_that_is_down_parks_its_backlog_instead_of_rewriting_it() {
     config.relay.batch_size = 250;
     let service = start(config).await;
     support::wait_started(&service).await;
-    let updates = RowUpdates::install(&db).await;
+    let updates = support::RowUpdates::install(&db).await;
     proxy.refuse(true);
     proxy.cut();
     let producer = db.client().await;
@@ -1227,7 +1190,7 @@ async fn an_open_circuit_parks_its_events_and_sends_one_probe_per_cool_down() {
     config.routing.routes = vec![route(&["*"], &["webhook:failing"])];
     let service = start(config).await;
     support::wait_started(&service).await;
-    let updates = RowUpdates::install(&db).await;
+    let updates = support::RowUpdates::install(&db).await;
     let producer = db.client().await;
     let events: Vec<NewEvent> = (0..EVENTS).map(|n| event("order.created", n)).collect();
     outboxd::enqueue_many(&producer, &events).await.unwrap();

@@ -238,6 +238,43 @@ impl TestDb {
     }
 }
 
+/// Counts the outbox rows every statement rewrites, exactly (a statement-level trigger
+/// with a transition table: no statistics flush lag), for the tests and benchmarks that bound them.
+pub struct RowUpdates;
+
+impl RowUpdates {
+    pub async fn install(db: &TestDb) -> RowUpdates {
+        db.client()
+            .await
+            .batch_execute(
+                "CREATE TABLE test_row_updates (n int8 NOT NULL);
+                 CREATE FUNCTION test_count_updates() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN
+                     INSERT INTO test_row_updates SELECT count(*) FROM changed;
+                     RETURN NULL;
+                 END $$;
+                 CREATE TRIGGER test_count_updates AFTER UPDATE ON outbox
+                     REFERENCING NEW TABLE AS changed
+                     FOR EACH STATEMENT EXECUTE FUNCTION test_count_updates();",
+            )
+            .await
+            .unwrap();
+        RowUpdates
+    }
+
+    pub async fn total(&self, db: &TestDb) -> i64 {
+        db.client()
+            .await
+            .query_one(
+                "SELECT coalesce(sum(n), 0)::int8 FROM test_row_updates",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
 /// Runs `work` to completion on a thread of its own: `Drop` may run inside a runtime
 /// that must not be blocked.
 fn block_on_aside(work: impl std::future::Future<Output = ()> + Send + 'static) {
