@@ -7,9 +7,10 @@
 //!   cargo bench --bench relay              # full run (about 6 minutes), medians
 //!   cargo bench --bench relay -- --quick   # short run (under a minute)
 //!
-//! Started without `--bench` (as `cargo test --all-targets` does) it runs the quick
-//! mode. Prints a plain-text table; exits non-zero if any event a scenario produced was
-//! not consumed.
+//! Started without `--bench` (as `cargo test --all-targets` does) it runs a smoke mode,
+//! smaller still: every scenario once, to prove each delivers all it produced, not to
+//! measure. Prints a plain-text table; exits non-zero if any event a scenario produced
+//! was not consumed.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -21,7 +22,8 @@ use support::proxy::CountingProxy;
 use support::{TestBroker, TestDb};
 
 struct Settings {
-    quick: bool,
+    /// full, quick or smoke.
+    mode: &'static str,
     /// `--only NAME`: run only the sections whose title starts with NAME.
     only: Option<String>,
     /// Runs of the short scenarios (drains, ceilings, scale-out); medians are reported.
@@ -49,7 +51,7 @@ impl Settings {
 
     fn full() -> Settings {
         Settings {
-            quick: false,
+            mode: "full",
             only: None,
             runs: 3,
             ceiling_for: Duration::from_secs(8),
@@ -69,7 +71,7 @@ impl Settings {
 
     fn quick() -> Settings {
         Settings {
-            quick: true,
+            mode: "quick",
             only: None,
             runs: 1,
             ceiling_for: Duration::from_secs(2),
@@ -86,16 +88,36 @@ impl Settings {
             outage_for: Duration::from_secs(5),
         }
     }
+
+    /// `cargo test --all-targets`: each scenario small, once (a test build, not a measure).
+    fn smoke() -> Settings {
+        Settings {
+            mode: "smoke",
+            ceiling_for: Duration::from_secs(1),
+            broker_messages: 2_000,
+            latency_for: Duration::from_secs(2),
+            impact_for: Duration::from_secs(2),
+            backlog: 4_000,
+            baseline_backlog: 500,
+            webhook_backlog: 500,
+            scale_backlog: 2_000,
+            idle_for: Duration::from_secs(2),
+            outage_backlog: 500,
+            outage_for: Duration::from_secs(2),
+            ..Settings::quick()
+        }
+    }
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // `cargo bench` passes --bench; `cargo test --all-targets` does not.
-    let quick = args.iter().any(|a| a == "--quick") || !args.iter().any(|a| a == "--bench");
-    let mut settings = if quick {
+    let mut settings = if args.iter().any(|a| a == "--quick") {
         Settings::quick()
-    } else {
+    } else if args.iter().any(|a| a == "--bench") {
         Settings::full()
+    } else {
+        Settings::smoke()
     };
     settings.only = args
         .iter()
@@ -111,7 +133,7 @@ fn main() {
     println!();
     println!(
         "outboxd relay benchmark ({} mode, {} cores, {:.0} s)",
-        if settings.quick { "quick" } else { "full" },
+        settings.mode,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         started.elapsed().as_secs_f64()
     );
@@ -461,6 +483,9 @@ enum Trigger {
     Outboxd,
     /// outboxd's trigger in drain mode (reads the mode, does not notify).
     OutboxdDrain,
+    /// outboxd's trigger in notify mode, without the index of events by aggregate (what
+    /// `outboxd events list --aggregate` costs producers, by difference).
+    OutboxdNoAggregateIndex,
 }
 
 async fn set_trigger(db: &TestDb, trigger: Trigger) {
@@ -475,6 +500,7 @@ async fn set_trigger(db: &TestDb, trigger: Trigger) {
                 FOR EACH ROW EXECUTE FUNCTION bench_per_row_notify()"
         }
         Trigger::Outboxd => "",
+        Trigger::OutboxdNoAggregateIndex => "DROP INDEX outbox_aggregate_idx",
         Trigger::OutboxdDrain => {
             "UPDATE outbox_mode SET mode = 'drain', drain_until = now() + interval '1 hour',
                     holder = 'bench'"
@@ -737,6 +763,10 @@ async fn run(s: &Settings) -> (Table, bool) {
             ("per-row pg_notify trigger", Trigger::PerRowNotify),
             ("outboxd trigger, notify mode", Trigger::Outboxd),
             ("outboxd trigger, drain mode", Trigger::OutboxdDrain),
+            (
+                "outboxd trigger, notify mode, no aggregate index",
+                Trigger::OutboxdNoAggregateIndex,
+            ),
         ] {
             let mut rates = Vec::new();
             for _ in 0..runs {

@@ -2,7 +2,7 @@
 //! 0 done, 1 a runtime failure (database unreachable...), 2 bad usage or configuration.
 
 use crate::config::{Config, ConfigError};
-use crate::dead_letters::{self, DeadLetterError, ListRequest};
+use crate::dead_letters::{self, ListRequest, RequestError};
 use crate::service::Outboxd;
 use crate::store::{Store, connect_once, migrate, partitions};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -74,6 +74,9 @@ pub enum Command {
     /// List, inspect and redrive dead letters.
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
+    /// Look events up without SQL: one by its tracking_id, an aggregate's history.
+    #[command(subcommand)]
+    Events(EventsCommand),
     /// Check the configuration, or show it.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -103,6 +106,35 @@ pub enum ConfigCommand {
     /// Print the effective configuration as TOML, secrets hidden, each value followed
     /// by where it came from (flag, environment, file or default).
     Show,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// One event in full (any status), with its redrive history.
+    Show {
+        /// Its tracking_id (the UUID consumers see as message_id or webhook-id) or
+        /// its id.
+        event: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One aggregate's events, newest first (a page at a time).
+    List {
+        /// TYPE:ID, as the events were written: `order:42` is aggregate_type "order",
+        /// aggregate_id "42" (the id may contain colons, the type may not).
+        #[arg(long)]
+        aggregate: String,
+        /// The next page: ids below this one (printed at the end of a full page).
+        #[arg(long)]
+        before_id: Option<i64>,
+        /// Events per page (default 50, at most 1000).
+        #[arg(long)]
+        limit: Option<i64>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -342,6 +374,7 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
             timeout,
         } => health_command(&config, live, addr, timeout).await,
         Command::DeadLetters(command) => dead_letters_command(&config, command).await,
+        Command::Events(command) => events_command(&config, command).await,
         Command::Demo { events } => demo_command(config, events).await,
         Command::Config(_) | Command::AlertRules { .. } => {
             unreachable!("answered before the config is loaded")
@@ -579,11 +612,11 @@ async fn status_command(config: &Config, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
-impl From<DeadLetterError> for Failure {
-    fn from(error: DeadLetterError) -> Self {
+impl From<RequestError> for Failure {
+    fn from(error: RequestError) -> Self {
         let code = match error {
-            DeadLetterError::BadRequest(_) => 2,
-            DeadLetterError::NotFound(_) | DeadLetterError::Store(_) => 1,
+            RequestError::BadRequest(_) => 2,
+            RequestError::NoEvent(_) | RequestError::Store(_) => 1,
         };
         Failure {
             code,
@@ -641,14 +674,7 @@ async fn dead_letters_command(config: &Config, command: DeadLettersCommand) -> R
             );
             for item in &page.items {
                 let created = humantime::format_rfc3339_seconds(item.created_at).to_string();
-                let mut error = item
-                    .last_error
-                    .clone()
-                    .unwrap_or_default()
-                    .replace('\n', " ");
-                if error.chars().count() > 100 {
-                    error = error.chars().take(99).collect::<String>() + "…";
-                }
+                let error = one_line(item.last_error.as_deref().unwrap_or(""), 100);
                 println!(
                     "{:>10}  {:<24}  {:<28}  {:>8}  {}",
                     item.id, created, item.event_type, item.attempts, error
@@ -657,7 +683,7 @@ async fn dead_letters_command(config: &Config, command: DeadLettersCommand) -> R
             if let Some(next) = page.next_before_id {
                 // The same filters, the next page.
                 let mut command = String::from("outboxd dead-letters list");
-                let quoted = |text: &str| format!("'{}'", text.replace('\'', "'\\''"));
+                let quoted = shell_quoted;
                 if let Some(t) = &request.event_type {
                     command.push_str(&format!(" --event-type {}", quoted(t)));
                 }
@@ -682,34 +708,7 @@ async fn dead_letters_command(config: &Config, command: DeadLettersCommand) -> R
                 );
                 return Ok(());
             }
-            let time = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
-            println!("id            {}", event.id);
-            println!("tracking_id   {}", event.tracking_id);
-            println!("status        {}", event.status);
-            println!("event_type    {}", event.event_type);
-            println!(
-                "aggregate     {} {}",
-                event.aggregate_type, event.aggregate_id
-            );
-            println!("created_at    {}", time(event.created_at));
-            println!("attempts      {}", event.attempts);
-            println!("delivered_to  {}", event.delivered_to.join(", "));
-            println!(
-                "last_error    {}",
-                event.last_error.as_deref().unwrap_or("-")
-            );
-            println!("payload       {}", event.payload);
-            println!("metadata      {}", event.metadata);
-            for redrive in &event.redrives {
-                println!(
-                    "redriven      {} by {}: {} (had {} attempts; {})",
-                    time(redrive.at),
-                    redrive.by,
-                    redrive.reason,
-                    redrive.attempts,
-                    redrive.last_error.as_deref().unwrap_or("-")
-                );
-            }
+            print_event(&event);
         }
         DeadLettersCommand::Redrive { ids, reason, by } => {
             let by = by.unwrap_or_else(who_asks);
@@ -717,6 +716,128 @@ async fn dead_letters_command(config: &Config, command: DeadLettersCommand) -> R
             println!("redriven: {:?}", done.redriven);
             if !done.not_dead_letters.is_empty() {
                 println!("not dead letters (left alone): {:?}", done.not_dead_letters);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One event in full, as `dead-letters show` and `events show` print it.
+fn print_event(event: &crate::store::operations::EventDetail) {
+    let time = |t: std::time::SystemTime| humantime::format_rfc3339_millis(t).to_string();
+    println!("id            {}", event.id);
+    println!("tracking_id   {}", event.tracking_id);
+    println!("status        {}", event.status);
+    println!("event_type    {}", event.event_type);
+    println!(
+        "aggregate     {}:{}",
+        event.aggregate_type, event.aggregate_id
+    );
+    println!("created_at    {}", time(event.created_at));
+    println!("attempts      {}", event.attempts);
+    if event.status == "PENDING" {
+        println!("next_attempt  {}", time(event.next_attempt_at));
+    }
+    if let Some(at) = event.processed_at {
+        println!("processed_at  {}", time(at));
+    }
+    println!("delivered_to  {}", event.delivered_to.join(", "));
+    println!(
+        "last_error    {}",
+        event.last_error.as_deref().unwrap_or("-")
+    );
+    println!("payload       {}", event.payload);
+    println!("metadata      {}", event.metadata);
+    for redrive in &event.redrives {
+        println!(
+            "redriven      {} by {}: {} (had {} attempts; {})",
+            time(redrive.at),
+            redrive.by,
+            redrive.reason,
+            redrive.attempts,
+            redrive.last_error.as_deref().unwrap_or("-")
+        );
+    }
+}
+
+/// `'text'` for a shell, quotes inside kept.
+fn shell_quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
+fn one_line(text: &str, width: usize) -> String {
+    let text = text.replace('\n', " ");
+    if text.chars().count() > width {
+        text.chars().take(width - 1).collect::<String>() + "…"
+    } else {
+        text
+    }
+}
+
+async fn events_command(config: &Config, command: EventsCommand) -> Result<(), Failure> {
+    // The argument is checked before connecting: a typo is exit 2 wherever the database is.
+    let store = || async {
+        Store::connect(&config.database)
+            .await
+            .map_err(|e| Failure::from(anyhow::Error::from(e)))
+    };
+    match command {
+        EventsCommand::Show { event, json } => {
+            let key = crate::events::EventKey::parse(&event)?;
+            let event = crate::events::show(&store().await?, key).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&event).unwrap_or_default()
+                );
+            } else {
+                print_event(&event);
+            }
+        }
+        EventsCommand::List {
+            aggregate,
+            before_id,
+            limit,
+            json,
+        } => {
+            let request = crate::events::ListRequest {
+                aggregate: crate::events::Aggregate::parse(&aggregate)?,
+                before_id,
+                limit,
+            };
+            let page = crate::events::list(&store().await?, &request).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&page).unwrap_or_default()
+                );
+                return Ok(());
+            }
+            if page.items.is_empty() {
+                println!("no events of {aggregate}");
+                return Ok(());
+            }
+            println!(
+                "{:>10}  {:<24}  {:<11}  {:<28}  {:>8}  last error",
+                "id", "created", "status", "event type", "attempts"
+            );
+            for item in &page.items {
+                let created = humantime::format_rfc3339_seconds(item.created_at).to_string();
+                let error = one_line(item.last_error.as_deref().unwrap_or(""), 80);
+                println!(
+                    "{:>10}  {:<24}  {:<11}  {:<28}  {:>8}  {}",
+                    item.id, created, item.status, item.event_type, item.attempts, error
+                );
+            }
+            if let Some(next) = page.next_before_id {
+                let mut command = format!(
+                    "outboxd events list --aggregate {}",
+                    shell_quoted(&aggregate)
+                );
+                if let Some(n) = request.limit {
+                    command.push_str(&format!(" --limit {n}"));
+                }
+                println!("\nmore: {command} --before-id {next}");
             }
         }
     }

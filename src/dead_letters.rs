@@ -14,25 +14,25 @@ pub const DEFAULT_PAGE: i64 = 50;
 /// The largest page.
 pub const MAX_PAGE: i64 = 1000;
 
-/// A request that cannot be answered.
+/// A request that cannot be answered (dead letters and event lookups alike).
 #[derive(Debug, thiserror::Error)]
-pub enum DeadLetterError {
+pub enum RequestError {
     /// The request itself is wrong (the message says what to send instead).
     #[error("{0}")]
     BadRequest(String),
-    /// No event has this id.
-    #[error("no event with id {0}")]
-    NotFound(i64),
+    /// No event is named so (`id 17`, `tracking_id 0192...`).
+    #[error("no event with {0}")]
+    NoEvent(String),
     /// The database did not answer.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-impl From<RedriveError> for DeadLetterError {
+impl From<RedriveError> for RequestError {
     fn from(error: RedriveError) -> Self {
         match error {
-            RedriveError::Store(error) => DeadLetterError::Store(error),
-            refused => DeadLetterError::BadRequest(refused.to_string()),
+            RedriveError::Store(error) => RequestError::Store(error),
+            refused => RequestError::BadRequest(refused.to_string()),
         }
     }
 }
@@ -70,10 +70,10 @@ pub struct Redriven {
 
 /// A time given as RFC 3339 (`2026-11-24T16:00:00Z`); `name` is how the caller called
 /// it (`--since`, `since`).
-pub fn parse_time(name: &str, text: Option<&str>) -> Result<Option<SystemTime>, DeadLetterError> {
+pub fn parse_time(name: &str, text: Option<&str>) -> Result<Option<SystemTime>, RequestError> {
     text.map(|t| {
         humantime::parse_rfc3339_weak(t).map_err(|_| {
-            DeadLetterError::BadRequest(format!(
+            RequestError::BadRequest(format!(
                 "{name} {t:?} is not a time like 2026-11-24T16:00:00Z"
             ))
         })
@@ -82,10 +82,10 @@ pub fn parse_time(name: &str, text: Option<&str>) -> Result<Option<SystemTime>, 
 }
 
 /// One page of dead letters.
-pub async fn list(store: &Store, request: &ListRequest) -> Result<Page, DeadLetterError> {
+pub async fn list(store: &Store, request: &ListRequest) -> Result<Page, RequestError> {
     let limit = request.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(DeadLetterError::BadRequest(format!(
+        return Err(RequestError::BadRequest(format!(
             "limit {limit} is out of range: give 1 to {MAX_PAGE} (default {DEFAULT_PAGE})"
         )));
     }
@@ -108,11 +108,11 @@ pub async fn list(store: &Store, request: &ListRequest) -> Result<Page, DeadLett
 }
 
 /// One event in full, with its redrive history (any status).
-pub async fn show(store: &Store, id: i64) -> Result<EventDetail, DeadLetterError> {
+pub async fn show(store: &Store, id: i64) -> Result<EventDetail, RequestError> {
     store
         .show_event(id)
         .await?
-        .ok_or(DeadLetterError::NotFound(id))
+        .ok_or_else(|| RequestError::NoEvent(format!("id {id}")))
 }
 
 /// Sends dead letters again, recorded with `reason` and `by`.
@@ -121,7 +121,7 @@ pub async fn redrive(
     ids: &[i64],
     reason: &str,
     by: &str,
-) -> Result<Redriven, DeadLetterError> {
+) -> Result<Redriven, RequestError> {
     let redriven = store.redrive(ids, reason, by).await?;
     let not_dead_letters = ids
         .iter()

@@ -1,10 +1,12 @@
 //! The HTTP listener (one port, loopback by default): `/metrics` (Prometheus text),
 //! `/healthz` (the process is alive), `/readyz` (200 only while the database answers,
 //! the listener is connected and every destination is reachable; 503 naming what is
-//! down), and the dead-letter API, which needs `Authorization: Bearer <http.admin_token>`.
+//! down), and the operator API (`/api/dead-letters`, `/api/events`), which needs
+//! `Authorization: Bearer <http.admin_token>`.
 
 use crate::config::Secret;
-use crate::dead_letters::{self, DeadLetterError, ListRequest};
+use crate::dead_letters::{self, ListRequest, RequestError};
+use crate::events;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -49,10 +51,12 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
         .route("/api/dead-letters", get(list_dead_letters))
         .route("/api/dead-letters/redrive", post(redrive))
         .route("/api/dead-letters/{id}", get(show_event))
+        .route("/api/events", get(list_events))
+        .route("/api/events/{event}", get(find_event))
         .fallback(|| async {
             problem(
                 StatusCode::NOT_FOUND,
-                "no such endpoint: /metrics, /healthz, /readyz, /api/dead-letters, /api/dead-letters/ID, POST /api/dead-letters/redrive",
+                "no such endpoint: /metrics, /healthz, /readyz, /api/dead-letters, /api/dead-letters/ID, POST /api/dead-letters/redrive, /api/events?aggregate=TYPE:ID, /api/events/TRACKING_ID",
             )
         })
         .with_state(state);
@@ -62,10 +66,13 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
     if api_off {
         tracing::info!(
             %address,
-            "serving /metrics, /healthz and /readyz; the dead-letter API is off (no http.admin_token)"
+            "serving /metrics, /healthz and /readyz; the operator API (/api/dead-letters, /api/events) is off (no http.admin_token)"
         );
     } else {
-        tracing::info!(%address, "serving /metrics, /healthz, /readyz and /api/dead-letters");
+        tracing::info!(
+            %address,
+            "serving /metrics, /healthz, /readyz, /api/dead-letters and /api/events"
+        );
     }
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -144,12 +151,12 @@ struct ListQuery {
     limit: Option<i64>,
 }
 
-impl IntoResponse for DeadLetterError {
+impl IntoResponse for RequestError {
     fn into_response(self) -> Response {
         let status = match &self {
-            DeadLetterError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            DeadLetterError::NotFound(_) => StatusCode::NOT_FOUND,
-            DeadLetterError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RequestError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            RequestError::NoEvent(_) => StatusCode::NOT_FOUND,
+            RequestError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         problem(status, self.to_string())
     }
@@ -203,6 +210,91 @@ async fn show_event(
         );
     };
     match dead_letters::show(&state.store, id).await {
+        Ok(event) => Json(event).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    /// `TYPE:ID`; or the two parts apart, for a type that holds a colon.
+    aggregate: Option<String>,
+    aggregate_type: Option<String>,
+    aggregate_id: Option<String>,
+    before_id: Option<i64>,
+    limit: Option<i64>,
+}
+
+async fn list_events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Response {
+    if let Err(refused) = authorize(&headers, &state.admin_token) {
+        return refused.into_response();
+    }
+    let Query(query) = match query {
+        Ok(query) => query,
+        Err(rejection) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "bad query: {}; it takes aggregate (TYPE:ID), before_id and limit (whole numbers)",
+                    rejection.body_text()
+                ),
+            );
+        }
+    };
+    let aggregate = match (query.aggregate, query.aggregate_type, query.aggregate_id) {
+        (Some(text), None, None) => match events::Aggregate::parse(&text) {
+            Ok(aggregate) => aggregate,
+            Err(error) => return error.into_response(),
+        },
+        (None, Some(aggregate_type), Some(aggregate_id))
+            if !aggregate_type.is_empty() && !aggregate_id.is_empty() =>
+        {
+            events::Aggregate {
+                aggregate_type,
+                aggregate_id,
+            }
+        }
+        _ => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "name one aggregate: ?aggregate=TYPE:ID (order:42), or ?aggregate_type=order&aggregate_id=42",
+            );
+        }
+    };
+    let request = events::ListRequest {
+        aggregate,
+        before_id: query.before_id,
+        limit: query.limit,
+    };
+    match events::list(&state.store, &request).await {
+        Ok(page) => Json(page).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn find_event(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    event: Result<Path<String>, PathRejection>,
+) -> Response {
+    if let Err(refused) = authorize(&headers, &state.admin_token) {
+        return refused.into_response();
+    }
+    let Ok(Path(event)) = event else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "name the event by its tracking_id or id: GET /api/events/0192f0c1-7d3e-7a00-8000-000000000001",
+        );
+    };
+    let found = match events::EventKey::parse(&event) {
+        Ok(key) => events::show(&state.store, key).await,
+        Err(error) => Err(error),
+    };
+    match found {
         Ok(event) => Json(event).into_response(),
         Err(error) => error.into_response(),
     }

@@ -10,6 +10,7 @@ pub mod config_show;
 pub mod dead_letters;
 pub mod duration_text;
 pub mod event;
+pub mod events;
 pub mod health;
 pub mod high_load;
 pub mod http;

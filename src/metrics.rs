@@ -35,6 +35,22 @@ impl FailureKind {
     }
 }
 
+/// The `class` label of `outbox_webhook_responses_total`: the status class of the
+/// answer, or why none came.
+pub const WEBHOOK_CLASSES: [&str; 6] = ["2xx", "3xx", "4xx", "5xx", "timeout", "error"];
+
+/// The class of HTTP status `status` (`1xx` answers end a request only when they are
+/// malformed: counted with the errors).
+pub fn webhook_class(status: u16) -> &'static str {
+    match status {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "error",
+    }
+}
+
 /// Buckets of the latency histograms, in seconds.
 const LATENCY_BUCKETS: [f64; 18] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -51,6 +67,7 @@ pub struct Metrics {
     pub reaped: IntCounter,
     pub delivery_latency: Histogram,
     pub destination_latency: HistogramVec,
+    pub webhook_responses: IntCounterVec,
     pub listener_connected: IntGauge,
     pub notifications: IntCounter,
     pub malformed_notifications: IntCounter,
@@ -113,6 +130,14 @@ impl Metrics {
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["destination"],
+        )
+        .expect("metric");
+        let webhook_responses = IntCounterVec::new(
+            Opts::new(
+                "outbox_webhook_responses_total",
+                "Webhook requests by what came back: the status class (2xx, 3xx, 4xx, 5xx), or timeout / error (no answer: connection, TLS or protocol failure).",
+            ),
+            &["destination", "class"],
         )
         .expect("metric");
         let listener_connected = IntGauge::new(
@@ -218,6 +243,7 @@ impl Metrics {
             Box::new(reaped.clone()),
             Box::new(delivery_latency.clone()),
             Box::new(destination_latency.clone()),
+            Box::new(webhook_responses.clone()),
             Box::new(listener_connected.clone()),
             Box::new(notifications.clone()),
             Box::new(malformed_notifications.clone()),
@@ -258,6 +284,7 @@ impl Metrics {
             reaped,
             delivery_latency,
             destination_latency,
+            webhook_responses,
             listener_connected,
             notifications,
             malformed_notifications,
@@ -295,6 +322,14 @@ impl Metrics {
         self.destination_circuit_open
             .with_label_values(&[destination])
             .set(0);
+    }
+
+    /// Exports webhook `destination`'s response classes at zero.
+    pub fn add_webhook(&self, destination: &str) {
+        for class in WEBHOOK_CLASSES {
+            self.webhook_responses
+                .with_label_values(&[destination, class]);
+        }
     }
 
     /// Counts one failed delivery.

@@ -245,6 +245,29 @@ async fn metrics_pass_promtool_and_counters_move_by_the_right_amounts() {
         s("outbox_destination_circuit_open{destination=\"webhook:gone\"}"),
         1.0
     );
+    // Webhook answers by class: two 503s and two 200s (order.flaky, twice), one 400; the
+    // endpoint nobody listens on answers nothing.
+    for (class, expected) in [("2xx", 2.0), ("3xx", 0.0), ("4xx", 1.0), ("5xx", 2.0)] {
+        assert_eq!(
+            s(&format!(
+                "outbox_webhook_responses_total{{class=\"{class}\",destination=\"webhook:hook\"}}"
+            )),
+            expected,
+            "webhook:hook {class}"
+        );
+    }
+    assert!(
+        s("outbox_webhook_responses_total{class=\"error\",destination=\"webhook:gone\"}") >= 1.0
+    );
+    assert_eq!(
+        s("outbox_webhook_responses_total{class=\"2xx\",destination=\"webhook:gone\"}"),
+        0.0
+    );
+    assert!(
+        !exposition
+            .contains("outbox_webhook_responses_total{class=\"2xx\",destination=\"rabbitmq\"}"),
+        "webhook series only for webhooks"
+    );
     assert_eq!(s("outbox_events_reaped_total"), 1.0);
     assert_eq!(s("outbox_sweep_recovered_total{sweep=\"safety\"}"), 1.0);
     assert_eq!(s("outbox_events_unrouted_total"), 1.0);
@@ -460,6 +483,15 @@ async fn every_known_series_is_exported_at_zero_before_anything_happens() {
             0.0
         );
     }
+    for class in ["2xx", "3xx", "4xx", "5xx", "timeout", "error"] {
+        assert_eq!(
+            s(&format!(
+                "outbox_webhook_responses_total{{class=\"{class}\",destination=\"webhook:hook\"}}"
+            )),
+            0.0,
+            "{class}"
+        );
+    }
     for sweep in ["reconnect", "safety"] {
         s(&format!(
             "outbox_sweep_recovered_total{{sweep=\"{sweep}\"}}"
@@ -568,6 +600,239 @@ async fn pending_gauges_agree_across_instances_and_count_events_another_holds() 
     }
     first.stop().await;
     second.stop().await;
+}
+
+/// `outboxd` with `args` against `database_url`.
+fn outboxd_cli(database_url: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_found_by_tracking_id_and_by_aggregate_through_the_cli_and_the_api() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let mut config = support::config(&db, &broker);
+    config.http.admin_token = outboxd::config::Secret::new(TOKEN);
+    let service = start(config).await;
+    let addr = service.http_addr().unwrap();
+    let producer = db.client().await;
+    // Five events of order 42 (oldest first), one of tenant "eu:7" (an id with a colon).
+    let mut order = Vec::new();
+    for n in 0..5 {
+        let event = NewEvent::new("order", "42", "order.updated", json!({ "n": n }));
+        order.push(enqueue(&producer, &event).await.unwrap());
+    }
+    let tenant = enqueue(
+        &producer,
+        &NewEvent::new("tenant", "eu:7", "tenant.created", json!({})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(broker.wait_for(6, Duration::from_secs(10)).await.len(), 6);
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            let row = producer
+                .query_one(
+                    "SELECT count(*) FROM outbox WHERE status = 'PUBLISHED'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            row.get::<_, i64>(0) == 6
+        })
+        .await,
+        "all six published"
+    );
+    let mut ids = Vec::new();
+    for tracking_id in &order {
+        let row = producer
+            .query_one(
+                "SELECT id FROM outbox WHERE tracking_id = $1",
+                &[tracking_id],
+            )
+            .await
+            .unwrap();
+        ids.push(row.get::<_, i64>(0));
+    }
+
+    // One event by the tracking_id consumers see, and by its id.
+    let shown = outboxd_cli(
+        &db.url,
+        &["events", "show", &order[2].to_string(), "--json"],
+    );
+    assert!(shown.status.success(), "{shown:?}");
+    let event: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(event["id"], ids[2]);
+    assert_eq!(event["status"], "PUBLISHED");
+    assert_eq!(event["payload"], json!({ "n": 2 }));
+    assert_eq!(event["tracking_id"], order[2].to_string());
+    let text = outboxd_cli(&db.url, &["events", "show", &ids[2].to_string()]);
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    assert!(
+        text.contains(&order[2].to_string()) && text.contains("order:42"),
+        "{text}"
+    );
+    // A tracking_id recorded before its id was (migration 0009) is found all the same.
+    producer
+        .execute(
+            "UPDATE outbox_tracking_ids SET id = NULL WHERE tracking_id = $1",
+            &[&order[3]],
+        )
+        .await
+        .unwrap();
+    let shown = outboxd_cli(
+        &db.url,
+        &["events", "show", &order[3].to_string(), "--json"],
+    );
+    let event: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(event["id"], ids[3], "{shown:?}");
+    // Unknown: exit 1, naming what was looked for.
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let missing = outboxd_cli(&db.url, &["events", "show", &unknown]);
+    assert_eq!(missing.status.code(), Some(1), "{missing:?}");
+    let said = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        said.contains(&format!("no event with tracking_id {unknown}")),
+        "{said}"
+    );
+    // Malformed arguments: exit 2, said before any connection is tried.
+    let nowhere = "postgres://postgres@127.0.0.1:1/nowhere?connect_timeout=1";
+    for (args, words) in [
+        (vec!["events", "show", "order-42"], "tracking_id"),
+        (vec!["events", "list", "--aggregate", "order"], "TYPE:ID"),
+        (vec!["events", "list", "--aggregate", ":42"], "TYPE:ID"),
+    ] {
+        let refused = outboxd_cli(nowhere, &args);
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(2), "{args:?}: {said}");
+        assert!(said.contains(words), "{args:?}: {said}");
+    }
+
+    // An aggregate's history, newest first, two per page, to the end.
+    let mut listed = Vec::new();
+    let mut before: Option<i64> = None;
+    for _ in 0..5 {
+        let mut args = vec!["events", "list", "--aggregate", "order:42", "--limit", "2"];
+        let cursor = before.map(|b| b.to_string());
+        if let Some(cursor) = &cursor {
+            args.extend(["--before-id", cursor.as_str()]);
+        }
+        let page = outboxd_cli(&db.url, &[args.as_slice(), &["--json"]].concat());
+        assert!(page.status.success(), "{page:?}");
+        let page: serde_json::Value = serde_json::from_slice(&page.stdout).unwrap();
+        for item in page["items"].as_array().unwrap() {
+            listed.push(item["id"].as_i64().unwrap());
+            assert_eq!(item["status"], "PUBLISHED");
+        }
+        // The text form prints the next page's command, with the same page size.
+        let text = outboxd_cli(&db.url, &args);
+        let text = String::from_utf8_lossy(&text.stdout).to_string();
+        match page["next_before_id"].as_i64() {
+            Some(next) => {
+                assert!(
+                    text.contains(&format!(
+                        "more: outboxd events list --aggregate 'order:42' --limit 2 --before-id {next}"
+                    )),
+                    "{text}"
+                );
+                before = Some(next);
+            }
+            None => {
+                assert!(!text.contains("more:"), "the last page: {text}");
+                break;
+            }
+        }
+    }
+    let newest_first: Vec<i64> = ids.iter().rev().copied().collect();
+    assert_eq!(listed, newest_first);
+    let page = outboxd_cli(
+        &db.url,
+        &["events", "list", "--aggregate", "tenant:eu:7", "--json"],
+    );
+    let page: serde_json::Value = serde_json::from_slice(&page.stdout).unwrap();
+    assert_eq!(page["aggregate_id"], "eu:7");
+    assert_eq!(page["items"][0]["tracking_id"], tenant.to_string());
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+
+    // The same through the API, behind the token.
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("Authorization", bearer.as_str())];
+    let path = format!("/api/events/{}", order[1]);
+    assert_eq!(http_get(addr, &path).await.0, 401);
+    let (status, body) = http_request(addr, "GET", &path, &auth, None).await;
+    assert_eq!(status, 200, "{body}");
+    let event: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(event["id"], ids[1]);
+    let (_, body) =
+        http_request(addr, "GET", &format!("/api/events/{}", ids[4]), &auth, None).await;
+    let event: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(event["tracking_id"], order[4].to_string());
+    let (status, body) = http_request(
+        addr,
+        "GET",
+        "/api/events?aggregate=order:42&limit=3",
+        &auth,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let first: Vec<i64> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(first, newest_first[..3]);
+    assert_eq!(page["next_before_id"], newest_first[2]);
+    let (_, body) = http_request(
+        addr,
+        "GET",
+        "/api/events?aggregate_type=tenant&aggregate_id=eu:7",
+        &auth,
+        None,
+    )
+    .await;
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        page["items"][0]["tracking_id"],
+        tenant.to_string(),
+        "{body}"
+    );
+    for (path, expected) in [
+        ("/api/events/order-42".to_string(), 400),
+        (format!("/api/events/{unknown}"), 404),
+        ("/api/events".to_string(), 400),
+        ("/api/events?aggregate=order".to_string(), 400),
+        ("/api/events?aggregate=order:42&limit=0".to_string(), 400),
+        (
+            "/api/events?aggregate=order:42&before_id=x".to_string(),
+            400,
+        ),
+    ] {
+        let (status, text) = http_request(addr, "GET", &path, &auth, None).await;
+        assert_eq!(status, expected, "{path}: {text}");
+        let parsed: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{path} answered no JSON: {text}"));
+        assert!(parsed["error"].is_string(), "{path}: {text}");
+    }
+
+    // The aggregate index is on every partition, so the parent's is valid.
+    let valid: bool = producer
+        .query_one(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'outbox_aggregate_idx'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(valid, "outbox_aggregate_idx is built on every partition");
+    service.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -308,6 +308,14 @@ async fn silent_endpoint_opens_its_circuit_while_other_endpoints_keep_flowing() 
         .with_label_values(&["webhook:silent"])
         .get();
     assert_eq!(open, 1, "the silent endpoint's circuit is open");
+    let responses = |class: &str| {
+        metrics
+            .webhook_responses
+            .with_label_values(&["webhook:silent", class])
+            .get()
+    };
+    assert!(responses("timeout") >= 3, "timeouts are counted as such");
+    assert_eq!(responses("2xx") + responses("5xx") + responses("error"), 0);
     assert_eq!(
         db.count("DEAD_LETTER").await,
         0,

@@ -61,8 +61,12 @@ pub trait DestinationConfig {
     fn validate(&self) -> Result<(), ConfigError>;
 
     /// Builds destination `name` (one of [`DestinationConfig::names`]) and the settings
-    /// of the circuit around it.
-    fn build(&self, name: &str) -> Result<(Box<dyn Sink>, CircuitSettings), String>;
+    /// of the circuit around it; the sink may keep `metrics` for series of its own.
+    fn build(
+        &self,
+        name: &str,
+        metrics: &Metrics,
+    ) -> Result<(Box<dyn Sink>, CircuitSettings), String>;
 }
 
 /// Every destination defined by `configs`, by name.
@@ -88,7 +92,9 @@ pub fn build(
                     defined(configs).join(", ")
                 )
             })?;
-        let (sink, circuit) = config.build(name).map_err(|e| format!("{name}: {e}"))?;
+        let (sink, circuit) = config
+            .build(name, metrics)
+            .map_err(|e| format!("{name}: {e}"))?;
         metrics.add_destination(name);
         built.push(Arc::new(guard::Guarded::new(
             sink,

@@ -84,15 +84,25 @@ pub const MIGRATIONS: &[Migration] = &[
         adds: "function outbox_notify_ids(ids, since, until)",
         sql: include_str!("../../migrations/0008_notify_created_bounds.sql"),
     },
+    Migration {
+        version: 9,
+        name: "event_lookup",
+        present: "to_regclass('outbox_aggregate_idx') IS NOT NULL",
+        adds: "index outbox_aggregate_idx, ids in outbox_tracking_ids",
+        sql: include_str!("../../migrations/0009_event_lookup.sql"),
+    },
 ];
 
 /// Indexes of the partitioned outbox that migrations create on the parent alone and
 /// `run` builds on each partition without blocking producers: (parent index, what each
 /// partition's index covers).
-const PARTITION_INDEXES: &[(&str, &str)] = &[(
-    "outbox_retry_due_idx",
-    "(next_attempt_at) WHERE status = 'PENDING' AND last_error IS NOT NULL",
-)];
+const PARTITION_INDEXES: &[(&str, &str)] = &[
+    (
+        "outbox_retry_due_idx",
+        "(next_attempt_at) WHERE status = 'PENDING' AND last_error IS NOT NULL",
+    ),
+    ("outbox_aggregate_idx", "(aggregate_type, aggregate_id, id)"),
+];
 
 /// The advisory lock key migrations (and partition maintenance) take: "outboxd" in ASCII.
 pub const ADVISORY_LOCK_KEY: i64 = 0x006f_7574_626f_7864;

@@ -10,6 +10,8 @@ const LIST_DEAD_LETTERS: &str = include_str!("../../sql/list_dead_letters.sql");
 const SHOW_EVENT: &str = include_str!("../../sql/show_event.sql");
 const LIST_REDRIVES: &str = include_str!("../../sql/list_redrives.sql");
 const REDRIVE: &str = include_str!("../../sql/redrive.sql");
+const FIND_TRACKING_ID: &str = include_str!("../../sql/find_tracking_id.sql");
+const LIST_AGGREGATE_EVENTS: &str = include_str!("../../sql/list_aggregate_events.sql");
 
 /// Numbers true across every instance, read from the database.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -47,6 +49,24 @@ pub struct DeadLetter {
     pub attempts: i32,
     #[serde(serialize_with = "rfc3339_opt")]
     pub dead_since: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub delivered_to: Vec<String>,
+}
+
+/// One event in an aggregate's listing.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventSummary {
+    pub id: i64,
+    #[serde(serialize_with = "rfc3339")]
+    pub created_at: SystemTime,
+    pub tracking_id: uuid::Uuid,
+    pub status: String,
+    pub event_type: String,
+    pub attempts: i32,
+    #[serde(serialize_with = "rfc3339")]
+    pub next_attempt_at: SystemTime,
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub processed_at: Option<SystemTime>,
     pub last_error: Option<String>,
     pub delivered_to: Vec<String>,
 }
@@ -229,6 +249,56 @@ impl Store {
             delivered_to: r.get(14),
             redrives,
         }))
+    }
+
+    /// The id of the event with this tracking_id, or `None`.
+    pub async fn find_tracking_id(
+        &self,
+        tracking_id: uuid::Uuid,
+    ) -> Result<Option<i64>, StoreError> {
+        let client = self.pooled().await?;
+        let row = client
+            .query_opt(FIND_TRACKING_ID, &[&tracking_id])
+            .await
+            .map_err(StoreError::query("find_tracking_id"))?;
+        Ok(row.and_then(|r| r.get(0)))
+    }
+
+    /// One aggregate's events, newest first: ids below `before_id`, at most `limit`.
+    pub async fn list_aggregate_events(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        before_id: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<EventSummary>, StoreError> {
+        let client = self.pooled().await?;
+        let statement = client
+            .prepare_cached(LIST_AGGREGATE_EVENTS)
+            .await
+            .map_err(StoreError::query("list_aggregate_events"))?;
+        let rows = client
+            .query(
+                &statement,
+                &[&aggregate_type, &aggregate_id, &before_id, &limit],
+            )
+            .await
+            .map_err(StoreError::query("list_aggregate_events"))?;
+        Ok(rows
+            .iter()
+            .map(|r| EventSummary {
+                id: r.get(0),
+                created_at: r.get(1),
+                tracking_id: r.get(2),
+                status: r.get(3),
+                event_type: r.get(4),
+                attempts: r.get(5),
+                next_attempt_at: r.get(6),
+                processed_at: r.get(7),
+                last_error: r.get(8),
+                delivered_to: r.get(9),
+            })
+            .collect())
     }
 
     /// redrive: dead letters back to PENDING, recorded with `reason` and `by`.

@@ -405,7 +405,11 @@ impl DestinationConfig for RabbitMqConfig {
         self.check()
     }
 
-    fn build(&self, _name: &str) -> Result<(Box<dyn Sink>, CircuitSettings), String> {
+    fn build(
+        &self,
+        _name: &str,
+        _metrics: &crate::metrics::Metrics,
+    ) -> Result<(Box<dyn Sink>, CircuitSettings), String> {
         Ok((Box::new(RabbitMqSink::new(self.clone())?), self.circuit()))
     }
 }

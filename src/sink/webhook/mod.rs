@@ -12,6 +12,7 @@ pub mod signature;
 pub use config::WebhookConfig;
 
 use crate::event::{Event, Outcome};
+use crate::metrics::{Metrics, webhook_class};
 use crate::sink::circuit::CircuitSettings;
 use crate::sink::{DestinationConfig, Sink};
 use crate::validate::ConfigError;
@@ -62,6 +63,8 @@ pub struct WebhookSink {
     client: reqwest::Client,
     in_flight: Semaphore,
     max_in_flight: usize,
+    /// `outbox_webhook_responses_total`, when built with the instance's metrics.
+    responses: Option<prometheus::IntCounterVec>,
 }
 
 impl WebhookSink {
@@ -100,6 +103,7 @@ impl WebhookSink {
             client,
             in_flight: Semaphore::new(config.max_in_flight),
             max_in_flight: config.max_in_flight,
+            responses: None,
         })
     }
 
@@ -127,9 +131,17 @@ impl WebhookSink {
             .await;
         let mut response = match sent {
             Ok(response) => response,
-            Err(error) => return self.failed_request(error),
+            Err(error) => {
+                self.count(if error.is_timeout() {
+                    "timeout"
+                } else {
+                    "error"
+                });
+                return self.failed_request(error);
+            }
         };
         let status = response.status().as_u16();
+        self.count(webhook_class(status));
         if (200..300).contains(&status) {
             return Outcome::Delivered;
         }
@@ -158,6 +170,12 @@ impl WebhookSink {
             &excerpt,
             SystemTime::now(),
         )
+    }
+
+    fn count(&self, class: &str) {
+        if let Some(responses) = &self.responses {
+            responses.with_label_values(&[&self.name, class]).inc();
+        }
     }
 
     fn failed_request(&self, error: reqwest::Error) -> Outcome {
@@ -199,15 +217,19 @@ impl DestinationConfig for BTreeMap<String, WebhookConfig> {
             .try_for_each(|(name, webhook)| webhook.check(name))
     }
 
-    fn build(&self, destination: &str) -> Result<(Box<dyn Sink>, CircuitSettings), String> {
+    fn build(
+        &self,
+        destination: &str,
+        metrics: &Metrics,
+    ) -> Result<(Box<dyn Sink>, CircuitSettings), String> {
         let name = destination.strip_prefix("webhook:").unwrap_or(destination);
         let webhook = self
             .get(name)
             .ok_or_else(|| format!("no [webhooks.{name}] section"))?;
-        Ok((
-            Box::new(WebhookSink::new(name, webhook)?),
-            webhook.circuit(),
-        ))
+        let mut sink = WebhookSink::new(name, webhook)?;
+        metrics.add_webhook(&sink.name);
+        sink.responses = Some(metrics.webhook_responses.clone());
+        Ok((Box::new(sink), webhook.circuit()))
     }
 }
 
