@@ -486,6 +486,8 @@ enum Trigger {
     /// outboxd's trigger in notify mode, without the index of events by aggregate (what
     /// `outboxd events list --aggregate` costs producers, by difference).
     OutboxdNoAggregateIndex,
+    /// The same in drain mode, where the commit lock of NOTIFY does not hide it.
+    OutboxdDrainNoAggregateIndex,
 }
 
 async fn set_trigger(db: &TestDb, trigger: Trigger) {
@@ -501,6 +503,11 @@ async fn set_trigger(db: &TestDb, trigger: Trigger) {
         }
         Trigger::Outboxd => "",
         Trigger::OutboxdNoAggregateIndex => "DROP INDEX outbox_aggregate_idx",
+        Trigger::OutboxdDrainNoAggregateIndex => {
+            "DROP INDEX outbox_aggregate_idx;
+             UPDATE outbox_mode SET mode = 'drain', drain_until = now() + interval '1 hour',
+                    holder = 'bench'"
+        }
         Trigger::OutboxdDrain => {
             "UPDATE outbox_mode SET mode = 'drain', drain_until = now() + interval '1 hour',
                     holder = 'bench'"
@@ -766,6 +773,10 @@ async fn run(s: &Settings) -> (Table, bool) {
             (
                 "outboxd trigger, notify mode, no aggregate index",
                 Trigger::OutboxdNoAggregateIndex,
+            ),
+            (
+                "outboxd trigger, drain mode, no aggregate index",
+                Trigger::OutboxdDrainNoAggregateIndex,
             ),
         ] {
             let mut rates = Vec::new();
