@@ -436,8 +436,11 @@ async fn unrouted_events_follow_the_policy_and_are_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn endpoint_down_for_thirty_seconds_gets_few_probes_and_everything_afterwards() {
-    const DOWN_FOR: Duration = Duration::from_secs(30);
+async fn endpoint_down_for_fifteen_cool_downs_gets_few_probes_and_everything_afterwards() {
+    // 15 cool-downs: probes back off 0.8, 1.6, 3.2, then every 4.8 s (6 x the cool-down).
+    const COOL_DOWN: Duration = Duration::from_millis(800);
+    const DOWN_FOR: Duration = Duration::from_secs(12);
+    const WINDOW: u64 = 2;
     let db = TestDb::new().await;
     let broker = TestBroker::new(Some("#")).await;
     let down = Endpoint::start(|_| Reply::status(503).with_body("maintenance")).await;
@@ -447,7 +450,7 @@ async fn endpoint_down_for_thirty_seconds_gets_few_probes_and_everything_afterwa
     config.retry.max_attempts = 3;
     let mut hook = webhook(&down);
     hook.failures_to_open = 3;
-    hook.cool_down = Duration::from_secs(2);
+    hook.cool_down = COOL_DOWN;
     config.webhooks.insert("down".into(), hook);
     config.webhooks.insert("healthy".into(), webhook(&healthy));
     config.routing.routes = vec![
@@ -489,7 +492,7 @@ async fn endpoint_down_for_thirty_seconds_gets_few_probes_and_everything_afterwa
         tokio::time::sleep(Duration::from_millis(250)).await;
         for hit in healthy.hits() {
             if hit.at >= opened_at {
-                seconds_with_delivery.insert(hit.at.duration_since(opened_at).as_secs() / 5);
+                seconds_with_delivery.insert(hit.at.duration_since(opened_at).as_secs() / WINDOW);
             }
         }
     }
@@ -497,9 +500,9 @@ async fn endpoint_down_for_thirty_seconds_gets_few_probes_and_everything_afterwa
     println!("{before_open} requests before the circuit opened, {probes} probes in {DOWN_FOR:?}");
     assert!(probes <= 6, "{probes} probes while down");
     assert_eq!(
-        seconds_with_delivery.len(),
-        6,
-        "healthy deliveries in every 5 s of the outage"
+        seconds_with_delivery.len() as u64,
+        DOWN_FOR.as_secs() / WINDOW,
+        "healthy deliveries in every {WINDOW} s of the outage"
     );
     assert_eq!(
         db.count("DEAD_LETTER").await,
