@@ -895,3 +895,79 @@ async fn dead_letter_pages_keep_their_filters_and_end_cleanly() {
         .get(0);
     assert_eq!(by, "cli@ops-box-7");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_blocked_by_a_long_transaction_never_queues_producers_behind_it() {
+    use outboxd::store::migrate::{LockWait, run, run_waiting};
+    use outboxd::{NewEvent, enqueue};
+    use std::time::Duration;
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // 0009 is pending again (it is written to run twice): it alters outbox_tracking_ids.
+    client
+        .batch_execute("DELETE FROM outboxd_schema_migrations WHERE version = 9")
+        .await
+        .unwrap();
+    let event = |n: i32| NewEvent::new("order", n.to_string(), "order.created", serde_json::json!({}));
+    // A producer's transaction stays open; its insert holds outbox_tracking_ids.
+    let mut long = db.client().await;
+    let open = long.transaction().await.unwrap();
+    enqueue(&open, &event(0)).await.unwrap();
+
+    // When the lock never comes: a clear refusal, nothing applied.
+    let mut migrating = db.client().await;
+    let wait = LockWait {
+        timeout: Duration::from_millis(100),
+        tries: 3,
+    };
+    let refused = run_waiting(&mut migrating, wait)
+        .await
+        .unwrap_err()
+        .to_string();
+    for words in [
+        "0009_event_lookup",
+        "3 times",
+        "pg_stat_activity",
+        "run `outboxd migrate` again",
+    ] {
+        assert!(refused.contains(words), "{words:?} in: {refused}");
+    }
+    assert_eq!(
+        query_i64(&db, "SELECT count(*) FROM outboxd_schema_migrations WHERE version = 9").await,
+        0
+    );
+
+    // While a migrate waits, other producers go on committing: none is queued behind it
+    // for longer than one try (their own lock_timeout would fail them otherwise).
+    let url = db.url.clone();
+    let migrate = tokio::spawn(async move {
+        let (mut client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        run(&mut client).await
+    });
+    let other = db.client().await;
+    other
+        .batch_execute("SET lock_timeout = '3s'")
+        .await
+        .unwrap();
+    for n in 1..=10 {
+        enqueue(&other, &event(n))
+            .await
+            .unwrap_or_else(|e| panic!("producer {n} was queued behind the migration: {e}"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(!migrate.is_finished(), "the migration waits for the open transaction");
+    open.commit().await.unwrap();
+    let applied = tokio::time::timeout(Duration::from_secs(30), migrate)
+        .await
+        .expect("the migration finishes once the transaction ends")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        applied.iter().map(|m| m.version).collect::<Vec<_>>(),
+        vec![9]
+    );
+    assert_eq!(query_i64(&db, "SELECT count(*) FROM outbox").await, 11);
+}

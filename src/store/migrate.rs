@@ -210,13 +210,44 @@ pub async fn recorded(client: &tokio_postgres::Client) -> Result<Vec<i32>, Store
     Ok(done)
 }
 
+/// How long a migration waits for a table lock, and how often it tries.
+///
+/// A migration that alters a table producers write to needs a lock their open
+/// transactions hold. Waiting for it without limit would queue every producer behind
+/// the migration (PostgreSQL grants locks in order) for as long as the longest open
+/// transaction lasts. So each try waits `timeout` at most, rolls back, steps aside, and
+/// tries again; producers are held up for `timeout` at most per try.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockWait {
+    pub timeout: Duration,
+    pub tries: u32,
+}
+
+impl Default for LockWait {
+    /// 500 ms a try, 40 tries (with the pauses between them, about a minute and a half).
+    fn default() -> Self {
+        LockWait {
+            timeout: Duration::from_millis(500),
+            tries: 40,
+        }
+    }
+}
+
 /// Applies every pending migration; returns those it applied (none the second time).
 pub async fn run(client: &mut tokio_postgres::Client) -> Result<Vec<Migration>, StoreError> {
+    run_waiting(client, LockWait::default()).await
+}
+
+/// [`run`], waiting for table locks as `wait` says.
+pub async fn run_waiting(
+    client: &mut tokio_postgres::Client,
+    wait: LockWait,
+) -> Result<Vec<Migration>, StoreError> {
     client
         .execute("SELECT pg_advisory_lock($1)", &[&ADVISORY_LOCK_KEY])
         .await
         .map_err(StoreError::query("migrate"))?;
-    let result = apply_pending(client).await;
+    let result = apply_pending(client, wait).await;
     let unlock = client
         .execute("SELECT pg_advisory_unlock($1)", &[&ADVISORY_LOCK_KEY])
         .await
@@ -350,27 +381,41 @@ pub async fn index_partitions(client: &tokio_postgres::Client) -> Result<(), Sto
     Ok(())
 }
 
-async fn apply_pending(client: &mut tokio_postgres::Client) -> Result<Vec<Migration>, StoreError> {
+async fn apply_pending(
+    client: &mut tokio_postgres::Client,
+    wait: LockWait,
+) -> Result<Vec<Migration>, StoreError> {
     client
         .batch_execute(BOOKKEEPING)
         .await
         .map_err(StoreError::query("migrate"))?;
     let mut applied = Vec::new();
     for migration in pending(client).await? {
-        let tx = client
-            .transaction()
-            .await
-            .map_err(StoreError::query("migrate"))?;
-        tx.batch_execute(migration.sql)
-            .await
-            .map_err(|e| migration_failed(migration, e))?;
-        tx.execute(
-            "INSERT INTO outboxd_schema_migrations (version, name) VALUES ($1, $2)",
-            &[&migration.version, &migration.name],
-        )
-        .await
-        .map_err(StoreError::query("migrate"))?;
-        tx.commit().await.map_err(StoreError::query("migrate"))?;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match apply_one(client, migration, wait.timeout).await {
+                Ok(()) => break,
+                Err(error) if is_lock_timeout(&error) && tries < wait.tries => {
+                    tracing::warn!(
+                        version = migration.version,
+                        name = migration.name,
+                        tries,
+                        "migration waits for a table lock an open transaction holds; stepping aside so producers are not queued behind it, then trying again"
+                    );
+                    tokio::time::sleep(backoff.failed()).await;
+                }
+                Err(error) if is_lock_timeout(&error) => {
+                    return Err(StoreError::MigrationLocked {
+                        migration: migration.describe(),
+                        tries,
+                        timeout: crate::duration_text::format(wait.timeout),
+                    });
+                }
+                Err(error) => return Err(migration_failed(migration, error)),
+            }
+        }
         tracing::info!(
             version = migration.version,
             name = migration.name,
@@ -379,6 +424,32 @@ async fn apply_pending(client: &mut tokio_postgres::Client) -> Result<Vec<Migrat
         applied.push(migration);
     }
     Ok(applied)
+}
+
+/// One migration and its record, in one transaction whose lock waits end at `timeout`.
+async fn apply_one(
+    client: &mut tokio_postgres::Client,
+    migration: Migration,
+    timeout: Duration,
+) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        timeout.as_millis().max(1)
+    ))
+    .await?;
+    tx.batch_execute(migration.sql).await?;
+    tx.execute(
+        "INSERT INTO outboxd_schema_migrations (version, name) VALUES ($1, $2)",
+        &[&migration.version, &migration.name],
+    )
+    .await?;
+    tx.commit().await
+}
+
+/// 55P03 lock_not_available: `lock_timeout` ran out.
+fn is_lock_timeout(error: &tokio_postgres::Error) -> bool {
+    error.code().is_some_and(|c| c.code() == "55P03")
 }
 
 fn migration_failed(migration: Migration, error: tokio_postgres::Error) -> StoreError {

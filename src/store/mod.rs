@@ -70,6 +70,14 @@ pub enum StoreError {
         found: String,
         record: String,
     },
+    #[error(
+        "migration {migration} could not take the table lock it needs within {timeout}, {tries} times: a long-running transaction holds it (find it in pg_stat_activity: state 'idle in transaction' or an old xact_start). Nothing of it was applied and producers were never held up for longer than {timeout} at a time; run `outboxd migrate` again when that transaction has ended"
+    )]
+    MigrationLocked {
+        migration: String,
+        tries: u32,
+        timeout: String,
+    },
     #[error("{statement} failed: {source}")]
     Query {
         statement: &'static str,
@@ -98,7 +106,8 @@ impl StoreError {
             | StoreError::SchemaMissing { .. }
             | StoreError::SchemaOutdated { .. }
             | StoreError::SchemaNewer { .. }
-            | StoreError::SchemaUnrecorded { .. } => false,
+            | StoreError::SchemaUnrecorded { .. }
+            | StoreError::MigrationLocked { .. } => false,
         }
     }
 
