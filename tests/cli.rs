@@ -908,7 +908,14 @@ async fn a_migration_blocked_by_a_long_transaction_never_queues_producers_behind
         .batch_execute("DELETE FROM outboxd_schema_migrations WHERE version = 9")
         .await
         .unwrap();
-    let event = |n: i32| NewEvent::new("order", n.to_string(), "order.created", serde_json::json!({}));
+    let event = |n: i32| {
+        NewEvent::new(
+            "order",
+            n.to_string(),
+            "order.created",
+            serde_json::json!({}),
+        )
+    };
     // A producer's transaction stays open; its insert holds outbox_tracking_ids.
     let mut long = db.client().await;
     let open = long.transaction().await.unwrap();
@@ -933,7 +940,11 @@ async fn a_migration_blocked_by_a_long_transaction_never_queues_producers_behind
         assert!(refused.contains(words), "{words:?} in: {refused}");
     }
     assert_eq!(
-        query_i64(&db, "SELECT count(*) FROM outboxd_schema_migrations WHERE version = 9").await,
+        query_i64(
+            &db,
+            "SELECT count(*) FROM outboxd_schema_migrations WHERE version = 9"
+        )
+        .await,
         0
     );
 
@@ -958,7 +969,10 @@ async fn a_migration_blocked_by_a_long_transaction_never_queues_producers_behind
             .unwrap_or_else(|e| panic!("producer {n} was queued behind the migration: {e}"));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    assert!(!migrate.is_finished(), "the migration waits for the open transaction");
+    assert!(
+        !migrate.is_finished(),
+        "the migration waits for the open transaction"
+    );
     open.commit().await.unwrap();
     let applied = tokio::time::timeout(Duration::from_secs(30), migrate)
         .await
