@@ -68,6 +68,17 @@ pub struct Redriven {
     pub not_dead_letters: Vec<i64>,
 }
 
+/// Refuses text PostgreSQL cannot hold (a NUL character): the caller's mistake, said as
+/// such, not a database failure. `name` is how the caller called it.
+pub fn check_text(name: &str, text: &str) -> Result<(), RequestError> {
+    if text.contains('\0') {
+        return Err(RequestError::BadRequest(format!(
+            "{name} contains a NUL character (\\u0000), which no stored event can hold: remove it"
+        )));
+    }
+    Ok(())
+}
+
 /// A time given as RFC 3339 (`2026-11-24T16:00:00Z`); `name` is how the caller called
 /// it (`--since`, `since`).
 pub fn parse_time(name: &str, text: Option<&str>) -> Result<Option<SystemTime>, RequestError> {
@@ -88,6 +99,9 @@ pub async fn list(store: &Store, request: &ListRequest) -> Result<Page, RequestE
         return Err(RequestError::BadRequest(format!(
             "limit {limit} is out of range: give 1 to {MAX_PAGE} (default {DEFAULT_PAGE})"
         )));
+    }
+    if let Some(event_type) = &request.event_type {
+        check_text("event_type", event_type)?;
     }
     // One more than the page, to know whether another page follows.
     let filter = DeadLetterFilter {
@@ -122,6 +136,8 @@ pub async fn redrive(
     reason: &str,
     by: &str,
 ) -> Result<Redriven, RequestError> {
+    check_text("reason", reason)?;
+    check_text("by", by)?;
     let redriven = store.redrive(ids, reason, by).await?;
     let not_dead_letters = ids
         .iter()

@@ -3,7 +3,7 @@
 //! (AMQP message_id, webhook-id), and one aggregate's events, newest first, a page at a
 //! time. Reads only; any status.
 
-use crate::dead_letters::{DEFAULT_PAGE, MAX_PAGE, RequestError};
+use crate::dead_letters::{DEFAULT_PAGE, MAX_PAGE, RequestError, check_text};
 use crate::store::Store;
 use crate::store::operations::{EventDetail, EventSummary};
 use serde::Serialize;
@@ -109,6 +109,8 @@ pub async fn list(store: &Store, request: &ListRequest) -> Result<Page, RequestE
         )));
     }
     let aggregate = &request.aggregate;
+    check_text("aggregate_type", &aggregate.aggregate_type)?;
+    check_text("aggregate_id", &aggregate.aggregate_id)?;
     // One more than the page, to know whether another page follows.
     let mut items = store
         .list_aggregate_events(
