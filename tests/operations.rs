@@ -838,6 +838,18 @@ async fn events_are_found_by_tracking_id_and_by_aggregate_through_the_cli_and_th
         .unwrap()
         .get(0);
     assert!(valid, "outbox_aggregate_idx is built on every partition");
+
+    // A database that cannot answer: 503, and the error says what PostgreSQL said.
+    producer
+        .batch_execute("ALTER TABLE outbox_tracking_ids RENAME TO outbox_tracking_ids_gone")
+        .await
+        .unwrap();
+    let (status, body) = http_request(addr, "GET", &path, &auth, None).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("does not exist") && body.contains("42P01"),
+        "the database's own words: {body}"
+    );
     service.stop().await;
 }
 

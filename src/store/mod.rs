@@ -78,7 +78,7 @@ pub enum StoreError {
         tries: u32,
         timeout: String,
     },
-    #[error("{statement} failed: {source}")]
+    #[error("{statement} failed: {}", error_text(.source))]
     Query {
         statement: &'static str,
         #[source]
