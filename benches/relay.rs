@@ -359,6 +359,16 @@ async fn produce(
     produce_typed(db, connections, rate, duration, "order.created").await
 }
 
+/// How the producers write.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Writes {
+    /// A plain INSERT, each event its own aggregate.
+    Insert,
+    /// `outboxd::enqueue` (which serialises producers of one aggregate), each event its
+    /// own aggregate, or all on one (`hot`).
+    Enqueue { hot: bool },
+}
+
 /// [`produce`], with events of `event_type`.
 async fn produce_typed(
     db: &TestDb,
@@ -366,6 +376,18 @@ async fn produce_typed(
     rate: Option<f64>,
     duration: Duration,
     event_type: &'static str,
+) -> Produced {
+    produce_with(db, connections, rate, duration, event_type, Writes::Insert).await
+}
+
+/// [`produce_typed`], writing as `writes` says.
+async fn produce_with(
+    db: &TestDb,
+    connections: usize,
+    rate: Option<f64>,
+    duration: Duration,
+    event_type: &'static str,
+    writes: Writes,
 ) -> Produced {
     let mut clients = Vec::new();
     for _ in 0..connections {
@@ -397,11 +419,19 @@ async fn produce_typed(
                     }
                     let n = format!("{k}-{i}");
                     let payload = serde_json::json!({ "n": n, "total": 12.5 });
-                    let row = client
-                        .query_one(&insert, &[&n, &payload, &event_type])
-                        .await
-                        .expect("insert");
-                    let tracking: uuid::Uuid = row.get(0);
+                    let tracking: uuid::Uuid = match writes {
+                        Writes::Insert => client
+                            .query_one(&insert, &[&n, &payload, &event_type])
+                            .await
+                            .expect("insert")
+                            .get(0),
+                        Writes::Enqueue { hot } => {
+                            let aggregate = if hot { "hot".to_string() } else { n.clone() };
+                            let event =
+                                outboxd::NewEvent::new("order", aggregate, event_type, payload);
+                            outboxd::enqueue(&client, &event).await.expect("enqueue")
+                        }
+                    };
                     commits.push((tracking.to_string(), SystemTime::now()));
                     i += 1;
                 }
@@ -518,9 +548,16 @@ async fn set_trigger(db: &TestDb, trigger: Trigger) {
 
 /// Producers alone (16 connections, full speed, no relay): commits/s.
 async fn producer_ceiling(trigger: Trigger, duration: Duration) -> f64 {
+    enqueue_ceiling(trigger, Writes::Insert, duration).await
+}
+
+/// [`producer_ceiling`], writing as `writes` says.
+async fn enqueue_ceiling(trigger: Trigger, writes: Writes, duration: Duration) -> f64 {
     let db = TestDb::new().await;
     set_trigger(&db, trigger).await;
-    produce(&db, 16, None, duration).await.rate()
+    produce_with(&db, 16, None, duration, "order.created", writes)
+        .await
+        .rate()
 }
 
 /// RabbitMQ alone: confirmed persistent publishes with up to 100 confirms outstanding.
@@ -785,6 +822,27 @@ async fn run(s: &Settings) -> (Table, bool) {
             }
             if matches!(trigger, Trigger::PerRowNotify) {
                 per_row_ceiling = median(&rates);
+            }
+            t.add(
+                format!("producers, {name} ({} s)", secs(s.ceiling_for)),
+                runs,
+                median(&rates),
+                "commits/s",
+            );
+        }
+        for (name, writes) in [
+            (
+                "enqueue, an aggregate per event, notify mode",
+                Writes::Enqueue { hot: false },
+            ),
+            (
+                "enqueue, all 16 producers on one aggregate, notify mode",
+                Writes::Enqueue { hot: true },
+            ),
+        ] {
+            let mut rates = Vec::new();
+            for _ in 0..runs {
+                rates.push(enqueue_ceiling(Trigger::Outboxd, writes, s.ceiling_for).await);
             }
             t.add(
                 format!("producers, {name} ({} s)", secs(s.ceiling_for)),

@@ -886,3 +886,129 @@ async fn oversized_payload_is_dead_lettered_and_the_rest_of_its_batch_is_deliver
     );
     service.stop().await;
 }
+
+/// The ids of aggregate `order:<key>` a reader sees now, oldest first.
+async fn committed_ids(db: &TestDb, key: &str) -> Vec<i64> {
+    db.client()
+        .await
+        .query(
+            "SELECT id FROM outbox WHERE aggregate_type = 'order' AND aggregate_id = $1 ORDER BY id",
+            &[&key],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn id_of(db: &TestDb, tracking_id: Uuid) -> i64 {
+    db.client()
+        .await
+        .query_one(
+            "SELECT id FROM outbox WHERE tracking_id = $1",
+            &[&tracking_id],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn within_an_aggregate_enqueue_makes_id_order_commit_order() {
+    let db = TestDb::new().await;
+    let event = |key: &str, n: i32| NewEvent::new("order", key, "order.updated", json!({ "n": n }));
+    let mut a = db.client().await;
+    let mut b = db.client().await;
+
+    // The trap, with a plain INSERT: A inserts, B inserts, B commits, A commits. A reader
+    // in between sees B's event and not A's, which has the lower id and commits later.
+    let plain = "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                 VALUES ('order', $1, 'order.updated', '{}') RETURNING id";
+    let ta = a.transaction().await.unwrap();
+    let a_id: i64 = ta.query_one(plain, &[&"7"]).await.unwrap().get(0);
+    let tb = b.transaction().await.unwrap();
+    let b_id: i64 = tb.query_one(plain, &[&"7"]).await.unwrap().get(0);
+    tb.commit().await.unwrap();
+    assert!(a_id < b_id);
+    assert_eq!(
+        committed_ids(&db, "7").await,
+        vec![b_id],
+        "B visible before A"
+    );
+    ta.commit().await.unwrap();
+
+    // Through enqueue: B waits at its INSERT until A has committed, then draws a later id.
+    let ta = a.transaction().await.unwrap();
+    let first = enqueue(&ta, &event("42", 1)).await.unwrap();
+    let second = tokio::spawn(async move {
+        let tb = b.transaction().await.unwrap();
+        let id = enqueue(&tb, &event("42", 2)).await.unwrap();
+        tb.commit().await.unwrap();
+        (b, id)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!second.is_finished(), "B waits for A's aggregate");
+    // Another aggregate does not wait.
+    let other = db.client().await;
+    tokio::time::timeout(Duration::from_secs(2), enqueue(&other, &event("43", 1)))
+        .await
+        .expect("an aggregate nobody holds is written at once")
+        .unwrap();
+    assert_eq!(committed_ids(&db, "42").await, Vec::<i64>::new());
+    ta.commit().await.unwrap();
+    let (b, second) = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("B goes on once A committed")
+        .unwrap();
+    let (first_id, second_id) = (id_of(&db, first).await, id_of(&db, second).await);
+    assert!(first_id < second_id, "{first_id} committed first");
+    assert_eq!(committed_ids(&db, "42").await, vec![first_id, second_id]);
+
+    // The one line other producers run takes the same lock.
+    let ta = a.transaction().await.unwrap();
+    ta.batch_execute("SELECT pg_advisory_xact_lock(hashtext('order'), hashtext('42'))")
+        .await
+        .unwrap();
+    let sql_id: i64 = ta.query_one(plain, &[&"42"]).await.unwrap().get(0);
+    let third = tokio::spawn(async move {
+        let id = enqueue(&b, &event("42", 3)).await.unwrap();
+        (b, id)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !third.is_finished(),
+        "enqueue waits for the SQL producer's lock"
+    );
+    ta.commit().await.unwrap();
+    let (b, third) = third.await.unwrap();
+    assert!(sql_id < id_of(&db, third).await);
+
+    // Several aggregates per statement, in opposite orders: the locks are taken in one
+    // order, so the second waits instead of deadlocking.
+    let ta = a.transaction().await.unwrap();
+    enqueue_many(&ta, &[event("k2", 1), event("k1", 1)])
+        .await
+        .unwrap();
+    let crossed = tokio::spawn(async move {
+        let mut b = b;
+        let tb = b.transaction().await.unwrap();
+        let written = enqueue_many(&tb, &[event("k1", 2), event("k2", 2)]).await;
+        let committed = tb.commit().await;
+        written.and(committed)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !crossed.is_finished(),
+        "the second statement waits for the first"
+    );
+    ta.commit().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), crossed)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("no deadlock");
+    for key in ["k1", "k2"] {
+        assert_eq!(committed_ids(&db, key).await.len(), 2);
+    }
+}
