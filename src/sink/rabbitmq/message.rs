@@ -102,6 +102,13 @@ pub fn build(
         AMQPValue::LongInt(event.attempts),
         4,
     );
+    // The event's position: within an aggregate written through `enqueue`, a later
+    // event has a larger one, so a consumer can drop what it already applied.
+    add(
+        ShortString::try_new("outbox_id").expect("a literal under 255 bytes"),
+        AMQPValue::LongLongInt(event.id),
+        8,
+    );
     if size + FRAME_OVERHEAD > frame_max {
         return Err(format!(
             "its headers (metadata, aggregate_type, aggregate_id) take {size} bytes; with the frame's own {FRAME_OVERHEAD} they do not fit in one AMQP frame of {frame_max} bytes (the broker's frame_max), and the broker would close the connection; keep metadata small"
@@ -162,6 +169,12 @@ mod tests {
     fn an_ordinary_event_becomes_a_message() {
         let message = build(&event(), "order.created", FRAME, 1024).unwrap();
         assert_eq!(message.routing_key.as_str(), "order.created");
+        let headers = message.properties.headers().as_ref().unwrap().inner();
+        assert_eq!(headers.get("outbox_id"), Some(&AMQPValue::LongLongInt(1)));
+        assert_eq!(
+            headers.get("aggregate_id"),
+            Some(&AMQPValue::LongString(LongString::from("42")))
+        );
         assert_eq!(
             message.properties.kind().as_ref().map(|k| k.as_str()),
             Some("order.created")

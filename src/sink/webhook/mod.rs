@@ -33,6 +33,7 @@ pub fn body(event: &Event) -> Vec<u8> {
     #[derive(serde::Serialize)]
     struct Body<'a> {
         tracking_id: String,
+        outbox_id: i64,
         event_type: &'a str,
         aggregate_type: &'a str,
         aggregate_id: &'a str,
@@ -44,6 +45,7 @@ pub fn body(event: &Event) -> Vec<u8> {
     let payload: Box<RawValue> = RawValue::from_string(event.payload.clone()).unwrap_or(null);
     serde_json::to_vec(&Body {
         tracking_id: event.tracking_id.to_string(),
+        outbox_id: event.id,
         event_type: &event.event_type,
         aggregate_type: &event.aggregate_type,
         aggregate_id: &event.aggregate_id,
@@ -271,6 +273,7 @@ mod tests {
             json,
             serde_json::json!({
                 "tracking_id": "00000000-0000-0000-0000-000000000000",
+                "outbox_id": 1,
                 "event_type": "order.created",
                 "aggregate_type": "order",
                 "aggregate_id": "42",
