@@ -92,14 +92,33 @@ pub fn parse_time(name: &str, text: Option<&str>) -> Result<Option<SystemTime>, 
     .transpose()
 }
 
-/// One page of dead letters.
-pub async fn list(store: &Store, request: &ListRequest) -> Result<Page, RequestError> {
-    let limit = request.limit.unwrap_or(DEFAULT_PAGE);
+/// The page size a request asks for: [`DEFAULT_PAGE`] when absent, 1 to [`MAX_PAGE`].
+pub fn page_size(limit: Option<i64>) -> Result<i64, RequestError> {
+    let limit = limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(RequestError::BadRequest(format!(
             "limit {limit} is out of range: give 1 to {MAX_PAGE} (default {DEFAULT_PAGE})"
         )));
     }
+    Ok(limit)
+}
+
+/// A keyset page from `items`, read newest first with one row more than `limit`: the
+/// page, and the next page's `before_id` when that extra row showed one follows.
+pub fn keyset_page<T>(
+    mut items: Vec<T>,
+    limit: i64,
+    id: impl Fn(&T) -> i64,
+) -> (Vec<T>, Option<i64>) {
+    let more = items.len() as i64 > limit;
+    items.truncate(limit as usize);
+    let next_before_id = more.then(|| items.last().map(id)).flatten();
+    (items, next_before_id)
+}
+
+/// One page of dead letters.
+pub async fn list(store: &Store, request: &ListRequest) -> Result<Page, RequestError> {
+    let limit = page_size(request.limit)?;
     if let Some(event_type) = &request.event_type {
         check_text("event_type", event_type)?;
     }
@@ -111,10 +130,8 @@ pub async fn list(store: &Store, request: &ListRequest) -> Result<Page, RequestE
         before_id: request.before_id,
         limit: limit + 1,
     };
-    let mut items = store.list_dead_letters(&filter).await?;
-    let more = items.len() as i64 > limit;
-    items.truncate(limit as usize);
-    let next_before_id = more.then(|| items.last().map(|d| d.id)).flatten();
+    let items = store.list_dead_letters(&filter).await?;
+    let (items, next_before_id) = keyset_page(items, limit, |d| d.id);
     Ok(Page {
         items,
         next_before_id,
@@ -123,10 +140,7 @@ pub async fn list(store: &Store, request: &ListRequest) -> Result<Page, RequestE
 
 /// One event in full, with its redrive history (any status).
 pub async fn show(store: &Store, id: i64) -> Result<EventDetail, RequestError> {
-    store
-        .show_event(id)
-        .await?
-        .ok_or_else(|| RequestError::NoEvent(format!("id {id}")))
+    crate::events::show(store, crate::events::EventKey::Id(id)).await
 }
 
 /// Sends dead letters again, recorded with `reason` and `by`.

@@ -3,7 +3,7 @@
 //! (AMQP message_id, webhook-id), and one aggregate's events, newest first, a page at a
 //! time. Reads only; any status.
 
-use crate::dead_letters::{DEFAULT_PAGE, MAX_PAGE, RequestError, check_text};
+use crate::dead_letters::{RequestError, check_text, keyset_page, page_size};
 use crate::store::Store;
 use crate::store::operations::{EventDetail, EventSummary};
 use serde::Serialize;
@@ -71,7 +71,7 @@ pub struct ListRequest {
     pub aggregate: Aggregate,
     /// The previous page's `next_before_id`.
     pub before_id: Option<i64>,
-    /// Page size; [`DEFAULT_PAGE`] when absent, 1 to [`MAX_PAGE`].
+    /// Page size; `dead_letters::DEFAULT_PAGE` when absent, 1 to `dead_letters::MAX_PAGE`.
     pub limit: Option<i64>,
 }
 
@@ -102,17 +102,12 @@ pub async fn show(store: &Store, key: EventKey) -> Result<EventDetail, RequestEr
 
 /// One page of an aggregate's events.
 pub async fn list(store: &Store, request: &ListRequest) -> Result<Page, RequestError> {
-    let limit = request.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(RequestError::BadRequest(format!(
-            "limit {limit} is out of range: give 1 to {MAX_PAGE} (default {DEFAULT_PAGE})"
-        )));
-    }
+    let limit = page_size(request.limit)?;
     let aggregate = &request.aggregate;
     check_text("aggregate_type", &aggregate.aggregate_type)?;
     check_text("aggregate_id", &aggregate.aggregate_id)?;
     // One more than the page, to know whether another page follows.
-    let mut items = store
+    let items = store
         .list_aggregate_events(
             &aggregate.aggregate_type,
             &aggregate.aggregate_id,
@@ -120,9 +115,7 @@ pub async fn list(store: &Store, request: &ListRequest) -> Result<Page, RequestE
             limit + 1,
         )
         .await?;
-    let more = items.len() as i64 > limit;
-    items.truncate(limit as usize);
-    let next_before_id = more.then(|| items.last().map(|e| e.id)).flatten();
+    let (items, next_before_id) = keyset_page(items, limit, |e| e.id);
     Ok(Page {
         aggregate_type: aggregate.aggregate_type.clone(),
         aggregate_id: aggregate.aggregate_id.clone(),

@@ -102,6 +102,14 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+/// An answer as JSON, or the refusal as a JSON error with its status.
+fn answer<T: serde::Serialize>(result: Result<T, RequestError>) -> Response {
+    match result {
+        Ok(value) => Json(value).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
 fn problem(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
@@ -189,10 +197,7 @@ async fn list_dead_letters(
         before_id: query.before_id,
         limit: query.limit,
     };
-    match dead_letters::list(&state.store, &request).await {
-        Ok(page) => Json(page).into_response(),
-        Err(error) => error.into_response(),
-    }
+    answer(dead_letters::list(&state.store, &request).await)
 }
 
 async fn show_event(
@@ -209,10 +214,7 @@ async fn show_event(
             "an event id is a whole number: GET /api/dead-letters/1234",
         );
     };
-    match dead_letters::show(&state.store, id).await {
-        Ok(event) => Json(event).into_response(),
-        Err(error) => error.into_response(),
-    }
+    answer(dead_letters::show(&state.store, id).await)
 }
 
 #[derive(Debug, Deserialize)]
@@ -270,10 +272,7 @@ async fn list_events(
         before_id: query.before_id,
         limit: query.limit,
     };
-    match events::list(&state.store, &request).await {
-        Ok(page) => Json(page).into_response(),
-        Err(error) => error.into_response(),
-    }
+    answer(events::list(&state.store, &request).await)
 }
 
 async fn find_event(
@@ -290,12 +289,8 @@ async fn find_event(
             "name the event by its tracking_id or id: GET /api/events/0192f0c1-7d3e-7a00-8000-000000000001",
         );
     };
-    let found = match events::EventKey::parse(&event) {
-        Ok(key) => events::show(&state.store, key).await,
-        Err(error) => Err(error),
-    };
-    match found {
-        Ok(event) => Json(event).into_response(),
+    match events::EventKey::parse(&event) {
+        Ok(key) => answer(events::show(&state.store, key).await),
         Err(error) => error.into_response(),
     }
 }
@@ -342,8 +337,5 @@ async fn redrive(
             "\"by\" names who asks for the redrive: leave it out (it is then \"api\") or give a name",
         );
     }
-    match dead_letters::redrive(&state.store, &request.ids, &request.reason, &by).await {
-        Ok(done) => Json(done).into_response(),
-        Err(error) => error.into_response(),
-    }
+    answer(dead_letters::redrive(&state.store, &request.ids, &request.reason, &by).await)
 }

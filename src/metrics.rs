@@ -324,12 +324,16 @@ impl Metrics {
             .set(0);
     }
 
-    /// Exports webhook `destination`'s response classes at zero.
-    pub fn add_webhook(&self, destination: &str) {
-        for class in WEBHOOK_CLASSES {
-            self.webhook_responses
-                .with_label_values(&[destination, class]);
-        }
+    /// Exports webhook `destination`'s response classes at zero; returns their counters
+    /// in the order of [`WEBHOOK_CLASSES`], for the sink to keep.
+    pub fn add_webhook(&self, destination: &str) -> Vec<IntCounter> {
+        WEBHOOK_CLASSES
+            .iter()
+            .map(|class| {
+                self.webhook_responses
+                    .with_label_values(&[destination, class])
+            })
+            .collect()
     }
 
     /// Counts one failed delivery.

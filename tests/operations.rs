@@ -650,14 +650,7 @@ async fn events_are_found_by_tracking_id_and_by_aggregate_through_the_cli_and_th
     );
     let mut ids = Vec::new();
     for tracking_id in &order {
-        let row = producer
-            .query_one(
-                "SELECT id FROM outbox WHERE tracking_id = $1",
-                &[tracking_id],
-            )
-            .await
-            .unwrap();
-        ids.push(row.get::<_, i64>(0));
+        ids.push(db.id_of(*tracking_id).await);
     }
 
     // One event by the tracking_id consumers see, and by its id.

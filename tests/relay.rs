@@ -902,18 +902,6 @@ async fn committed_ids(db: &TestDb, key: &str) -> Vec<i64> {
         .collect()
 }
 
-async fn id_of(db: &TestDb, tracking_id: Uuid) -> i64 {
-    db.client()
-        .await
-        .query_one(
-            "SELECT id FROM outbox WHERE tracking_id = $1",
-            &[&tracking_id],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn within_an_aggregate_enqueue_makes_id_order_commit_order() {
     let db = TestDb::new().await;
@@ -961,7 +949,7 @@ async fn within_an_aggregate_enqueue_makes_id_order_commit_order() {
         .await
         .expect("B goes on once A committed")
         .unwrap();
-    let (first_id, second_id) = (id_of(&db, first).await, id_of(&db, second).await);
+    let (first_id, second_id) = (db.id_of(first).await, db.id_of(second).await);
     assert!(first_id < second_id, "{first_id} committed first");
     assert_eq!(committed_ids(&db, "42").await, vec![first_id, second_id]);
 
@@ -982,7 +970,7 @@ async fn within_an_aggregate_enqueue_makes_id_order_commit_order() {
     );
     ta.commit().await.unwrap();
     let (b, third) = third.await.unwrap();
-    assert!(sql_id < id_of(&db, third).await);
+    assert!(sql_id < db.id_of(third).await);
 
     // Several aggregates per statement, in opposite orders: the locks are taken in one
     // order, so the second waits instead of deadlocking.

@@ -112,16 +112,7 @@ async fn event_reaches_rabbitmq_and_two_webhooks_with_signatures_a_third_party_v
     assert_eq!(hit.json["event_type"], "order.created");
     assert_eq!(hit.json["aggregate_id"], "7");
     // The event's position, the same to both kinds of consumer.
-    let outbox_id: i64 = db
-        .client()
-        .await
-        .query_one(
-            "SELECT id FROM outbox WHERE tracking_id = $1",
-            &[&tracking_id],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let outbox_id = db.id_of(tracking_id).await;
     assert_eq!(hit.json["outbox_id"], outbox_id);
     assert!(
         consumed[0]

@@ -165,6 +165,19 @@ impl TestDb {
             .collect()
     }
 
+    /// The id of the event with `tracking_id`.
+    pub async fn id_of(&self, tracking_id: Uuid) -> i64 {
+        self.client()
+            .await
+            .query_one(
+                "SELECT id FROM outbox WHERE tracking_id = $1",
+                &[&tracking_id],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     pub async fn count(&self, status: &str) -> i64 {
         let client = self.client().await;
         client

@@ -12,7 +12,7 @@ pub mod signature;
 pub use config::WebhookConfig;
 
 use crate::event::{Event, Outcome};
-use crate::metrics::{Metrics, webhook_class};
+use crate::metrics::{Metrics, WEBHOOK_CLASSES, webhook_class};
 use crate::sink::circuit::CircuitSettings;
 use crate::sink::{DestinationConfig, Sink};
 use crate::validate::ConfigError;
@@ -65,8 +65,9 @@ pub struct WebhookSink {
     client: reqwest::Client,
     in_flight: Semaphore,
     max_in_flight: usize,
-    /// `outbox_webhook_responses_total`, when built with the instance's metrics.
-    responses: Option<prometheus::IntCounterVec>,
+    /// This endpoint's `outbox_webhook_responses_total` series, one per class of
+    /// [`WEBHOOK_CLASSES`] in its order (empty when built without the instance's metrics).
+    responses: Vec<prometheus::IntCounter>,
 }
 
 impl WebhookSink {
@@ -105,7 +106,7 @@ impl WebhookSink {
             client,
             in_flight: Semaphore::new(config.max_in_flight),
             max_in_flight: config.max_in_flight,
-            responses: None,
+            responses: Vec::new(),
         })
     }
 
@@ -175,8 +176,12 @@ impl WebhookSink {
     }
 
     fn count(&self, class: &str) {
-        if let Some(responses) = &self.responses {
-            responses.with_label_values(&[&self.name, class]).inc();
+        if let Some(counter) = WEBHOOK_CLASSES
+            .iter()
+            .position(|c| *c == class)
+            .and_then(|i| self.responses.get(i))
+        {
+            counter.inc();
         }
     }
 
@@ -229,8 +234,7 @@ impl DestinationConfig for BTreeMap<String, WebhookConfig> {
             .get(name)
             .ok_or_else(|| format!("no [webhooks.{name}] section"))?;
         let mut sink = WebhookSink::new(name, webhook)?;
-        metrics.add_webhook(&sink.name);
-        sink.responses = Some(metrics.webhook_responses.clone());
+        sink.responses = metrics.add_webhook(&sink.name);
         Ok((Box::new(sink), webhook.circuit()))
     }
 }
