@@ -185,6 +185,16 @@ async fn metrics_pass_promtool_and_counters_move_by_the_right_amounts() {
     )
     .await
     .unwrap();
+    // The rest settles first: a sweep of another kind (one that follows a destination
+    // freeing a batch slot claims every due event) must not take the unannounced one
+    // before the safety sweep does.
+    let announced_settled = eventually(Duration::from_secs(20), async || {
+        metrics.published.with_label_values(&["rabbitmq"]).get() == DELIVERED as u64
+            && metrics.published.with_label_values(&["webhook:hook"]).get() == 1
+            && metrics.events_dead_letter.get() == 2
+    })
+    .await;
+    assert!(announced_settled, "the announced events did not settle");
     producer
         .batch_execute("SET session_replication_role = replica")
         .await
