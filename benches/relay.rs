@@ -668,6 +668,7 @@ async fn webhook_drain(n: i64) -> (f64, bool) {
     config.routing.routes = vec![outboxd::config::RouteConfig {
         event_types: vec!["*".into()],
         destinations: vec!["webhook:bench".into()],
+        ordering: None,
     }];
     let started = Instant::now();
     let service = Outboxd::start(config).await.expect("start");
@@ -716,10 +717,12 @@ async fn isolated_latency(beside: Beside, rate: f64, duration: Duration) -> Cons
         outboxd::config::RouteConfig {
             event_types: vec!["slow.*".into()],
             destinations: vec!["webhook:slow".into()],
+            ordering: None,
         },
         outboxd::config::RouteConfig {
             event_types: vec!["*".into()],
             destinations: vec!["rabbitmq".into()],
+            ordering: None,
         },
     ];
     config.relay.shutdown_grace = Duration::from_secs(1);

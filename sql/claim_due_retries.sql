@@ -6,7 +6,7 @@
 -- text[], $6 avoid text[], $7 want text. Reads the partial index of rescheduled rows
 -- (migration 0007), so its cost does not grow with a backlog of new events.
 WITH picked AS (
-    SELECT id, created_at
+    SELECT id, created_at, aggregate_type, aggregate_id, event_type
       FROM outbox AS c
      WHERE status = 'PENDING'
        AND last_error IS NOT NULL
@@ -33,14 +33,34 @@ WITH picked AS (
      ORDER BY next_attempt_at
      LIMIT $1
        FOR UPDATE SKIP LOCKED
+), judged AS (
+    -- Ordering (src/ordering.rs): an ordered candidate with an unfinished earlier event
+    -- of its aggregate is held, not claimed. One probe of outbox_unfinished_idx per
+    -- partition; the earlier event may be locked by another claim (SKIP LOCKED skipped
+    -- it), it is unfinished all the same, so a later event is never handed out before it.
+    SELECT k.id, k.created_at,
+           ($8::bool OR cardinality($10::bool[]) > 0)
+           AND coalesce((SELECT r.ordered FROM unnest($9::text[], $10::bool[]) WITH ORDINALITY AS r(pattern, ordered, rank) WHERE k.event_type LIKE r.pattern ORDER BY r.rank LIMIT 1), $8::bool)
+           AND EXISTS (
+               SELECT 1
+                 FROM outbox AS e
+                WHERE e.aggregate_type = k.aggregate_type
+                  AND e.aggregate_id = k.aggregate_id
+                  AND e.id < k.id
+                  AND e.status <> 'PUBLISHED'
+                  AND (e.status <> 'DEAD_LETTER' OR ($11::bool AND e.discarded_at IS NULL))
+                  AND coalesce((SELECT r.ordered FROM unnest($9::text[], $10::bool[]) WITH ORDINALITY AS r(pattern, ordered, rank) WHERE e.event_type LIKE r.pattern ORDER BY r.rank LIMIT 1), $8::bool)) AS held
+      FROM picked AS k
 )
 UPDATE outbox AS o
-   SET status = 'PROCESSING',
-       attempts = o.attempts + 1,
-       locked_until = now() + make_interval(secs => $2::float8),
-       lock_token = $3::uuid
-  FROM picked
- WHERE o.id = picked.id AND o.created_at = picked.created_at
+   SET status = CASE WHEN j.held THEN 'PENDING' ELSE 'PROCESSING' END,
+       attempts = o.attempts + CASE WHEN j.held THEN 0 ELSE 1 END,
+       next_attempt_at = CASE WHEN j.held THEN 'infinity' ELSE o.next_attempt_at END,
+       locked_until = CASE WHEN j.held THEN NULL
+                           ELSE now() + make_interval(secs => $2::float8) END,
+       lock_token = CASE WHEN j.held THEN NULL ELSE $3::uuid END
+  FROM judged AS j
+ WHERE o.id = j.id AND o.created_at = j.created_at
 RETURNING o.id, o.created_at, o.tracking_id, o.aggregate_type, o.aggregate_id,
           o.event_type, o.payload::text, o.metadata::text, o.attempts, o.max_attempts,
-          o.delivered_to
+          o.delivered_to, j.held

@@ -5,6 +5,7 @@ SELECT id, created_at, tracking_id, event_type, aggregate_type, aggregate_id, at
        processed_at, last_error, delivered_to
   FROM outbox
  WHERE status = 'DEAD_LETTER'
+   AND discarded_at IS NULL
    AND ($1::text IS NULL OR event_type LIKE $1::text)
    AND ($2::timestamptz IS NULL OR created_at >= $2::timestamptz)
    AND ($3::timestamptz IS NULL OR created_at < $3::timestamptz)

@@ -3,7 +3,7 @@
 -- ranges with their created_at bounds, or a sweep when there are too many to list:
 -- outbox_notify_ids).
 -- $1 ids int8[], $2 reason text, $3 redriven_by text. Rows not in DEAD_LETTER are left
--- alone. `delivered_to` is kept: destinations that acknowledged are not sent it again.
+-- alone (a discarded one is redriven too). `delivered_to` is kept: destinations that acknowledged are not sent it again.
 -- Returns the ids sent again.
 WITH target AS (
     SELECT id, created_at, tracking_id, last_error, attempts
@@ -18,6 +18,7 @@ WITH target AS (
            next_attempt_at = now(),
            processed_at = NULL,
            last_error = NULL,
+           discarded_at = NULL,
            locked_until = NULL,
            lock_token = NULL
       FROM target AS t

@@ -1,6 +1,13 @@
 -- show_event: one event whatever its status, for operators. $1 id int8.
-SELECT id, created_at, tracking_id, status, event_type, aggregate_type, aggregate_id,
-       payload::text, metadata::text, attempts, max_attempts, next_attempt_at, processed_at,
-       last_error, delivered_to
+-- Shown as status HELD: PENDING behind an earlier event of its aggregate (ordering);
+-- DISCARDED: a dead letter an operator discarded.
+SELECT id, created_at, tracking_id,
+       CASE WHEN status = 'PENDING' AND next_attempt_at = 'infinity' THEN 'HELD'
+            WHEN status = 'DEAD_LETTER' AND discarded_at IS NOT NULL THEN 'DISCARDED'
+            ELSE status END AS status, event_type, aggregate_type, aggregate_id,
+       payload::text, metadata::text, attempts, max_attempts,
+       CASE WHEN next_attempt_at = 'infinity' THEN now() ELSE next_attempt_at END
+         AS next_attempt_at,
+       processed_at, last_error, delivered_to
   FROM outbox
  WHERE id = $1::int8

@@ -77,6 +77,9 @@ pub enum Command {
     /// Look events up without SQL: one by its tracking_id, an aggregate's history.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// The ordering rule the database keeps (every instance must claim by it).
+    #[command(subcommand)]
+    Ordering(OrderingCommand),
     /// Check the configuration, or show it.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -180,6 +183,31 @@ pub enum DeadLettersCommand {
         #[arg(long)]
         by: Option<String>,
     },
+    /// Give up on dead letters: never delivered, no longer counted as dead letters, and
+    /// (with ordering) no longer holding back the later events of their aggregate,
+    /// which go on at once. Kept in the table and recorded with the reason and who
+    /// asked; a discarded event can still be redriven.
+    Discard {
+        /// A dead letter's id; repeat for several.
+        #[arg(long = "id", required = true)]
+        ids: Vec<i64>,
+        /// Why it is given up on (required).
+        #[arg(long)]
+        reason: String,
+        /// Who asks (default: $USER, else $LOGNAME, else cli@HOST).
+        #[arg(long)]
+        by: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrderingCommand {
+    /// Print the rule the database keeps, and this configuration's.
+    Show,
+    /// Make this configuration's ordering (relay.ordering, relay.ordering_dead_letters,
+    /// each route's ordering) the database's. Stop every instance first: refused while
+    /// events are being delivered. Held events are released for the new rule.
+    Adopt,
 }
 
 /// A failure with the exit code it maps to.
@@ -375,6 +403,7 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
         } => health_command(&config, live, addr, timeout).await,
         Command::DeadLetters(command) => dead_letters_command(&config, command).await,
         Command::Events(command) => events_command(&config, command).await,
+        Command::Ordering(command) => ordering_command(&config, command).await,
         Command::Demo { events } => demo_command(config, events).await,
         Command::Config(_) | Command::AlertRules { .. } => {
             unreachable!("answered before the config is loaded")
@@ -718,6 +747,69 @@ async fn dead_letters_command(config: &Config, command: DeadLettersCommand) -> R
                 println!("not dead letters (left alone): {:?}", done.not_dead_letters);
             }
         }
+        DeadLettersCommand::Discard { ids, reason, by } => {
+            let by = by.unwrap_or_else(who_asks);
+            let store = store
+                .with_recorded_order()
+                .await
+                .map_err(anyhow::Error::from)?;
+            let done = dead_letters::discard(&store, &ids, &reason, &by).await?;
+            println!("discarded: {:?}", done.discarded);
+            if !done.released.is_empty() {
+                println!(
+                    "released (the next events of their aggregates): {:?}",
+                    done.released
+                );
+            }
+            if !done.not_dead_letters.is_empty() {
+                println!(
+                    "not dead letters, or discarded already (left alone): {:?}",
+                    done.not_dead_letters
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn ordering_command(config: &Config, command: OrderingCommand) -> Result<(), Failure> {
+    use crate::ordering::OrderRule;
+    let order = config.order_rule().map_err(|message| Failure {
+        code: 2,
+        message: format!("invalid routing: {message}"),
+    })?;
+    let store = Store::connect(&config.database)
+        .await
+        .map_err(anyhow::Error::from)?;
+    let recorded = store
+        .recorded_order_setting()
+        .await
+        .map_err(anyhow::Error::from)?;
+    let configured = OrderRule::describe_setting(&order.setting());
+    match command {
+        OrderingCommand::Show => {
+            match &recorded {
+                Some(value) => println!("database:      {}", OrderRule::describe_setting(value)),
+                None => println!(
+                    "database:      nothing recorded yet (the first instance to start records its rule)"
+                ),
+            }
+            println!("configuration: {configured}");
+            if recorded.as_deref().is_some_and(|v| v != order.setting()) {
+                println!("they differ: an instance with this configuration would refuse to start");
+            }
+        }
+        OrderingCommand::Adopt => {
+            if recorded.as_deref() == Some(order.setting().as_str()) {
+                println!("the database already keeps {configured}");
+                return Ok(());
+            }
+            store
+                .set_order(&order, &who_asks())
+                .await
+                .map_err(anyhow::Error::from)?;
+            println!("the database now keeps {configured}; held events were released");
+        }
     }
     Ok(())
 }
@@ -738,6 +830,9 @@ fn print_event(event: &crate::store::operations::EventDetail) {
     if event.status == "PENDING" {
         println!("next_attempt  {}", time(event.next_attempt_at));
     }
+    if event.status == "HELD" {
+        println!("held          behind an earlier event of its aggregate (ordering)");
+    }
     if let Some(at) = event.processed_at {
         println!("processed_at  {}", time(at));
     }
@@ -750,7 +845,12 @@ fn print_event(event: &crate::store::operations::EventDetail) {
     println!("metadata      {}", event.metadata);
     for redrive in &event.redrives {
         println!(
-            "redriven      {} by {}: {} (had {} attempts; {})",
+            "{:<13} {} by {}: {} (had {} attempts; {})",
+            if redrive.action == "discard" {
+                "discarded"
+            } else {
+                "redriven"
+            },
             time(redrive.at),
             redrive.by,
             redrive.reason,

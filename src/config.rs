@@ -3,6 +3,7 @@
 //! an invalid one fails with the key, the value and the fix, before anything runs.
 
 use crate::duration_text;
+use crate::ordering::{OnDeadLetter, OrderRule, Ordering};
 use crate::routing::{Router, Unrouted};
 use crate::sink::DestinationConfig;
 use crate::validate::{Setting, backoff_bounds, show};
@@ -50,6 +51,9 @@ pub struct RouteConfig {
     pub event_types: Vec<String>,
     /// `rabbitmq` and/or `webhook:NAME`.
     pub destinations: Vec<String>,
+    /// This route's own ordering (`none` or `per_aggregate`); unset: `relay.ordering`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering: Option<Ordering>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -113,6 +117,13 @@ pub struct RelayConfig {
     /// released to PENDING.
     #[serde(with = "duration_text")]
     pub shutdown_grace: Duration,
+    /// `per_aggregate`: at most one event of an aggregate in flight, each destination
+    /// receiving an aggregate's events in id order; `none`: no promise about order.
+    /// Database-wide: every instance of a database must say the same.
+    pub ordering: Ordering,
+    /// With ordering, what a dead letter does to the later events of its aggregate:
+    /// `block` (they wait until it is redriven or discarded) or `skip` (they go on).
+    pub ordering_dead_letters: OnDeadLetter,
 }
 
 /// High-load (drain) mode: under sustained load the NOTIFY trigger is switched off (its
@@ -194,6 +205,8 @@ impl Default for RelayConfig {
             safety_sweep_interval: Duration::from_secs(30),
             safety_sweep_grace: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
+            ordering: Ordering::None,
+            ordering_dead_letters: OnDeadLetter::Block,
         }
     }
 }
@@ -383,6 +396,21 @@ impl Config {
     /// Every destination's config. A new destination is one more entry here.
     pub fn destinations(&self) -> [&dyn DestinationConfig; 2] {
         [&self.rabbitmq, &self.webhooks]
+    }
+
+    /// The claim rule of this config's ordering (the default and each route's own).
+    pub fn order_rule(&self) -> Result<OrderRule, String> {
+        let rules: Vec<(Vec<String>, Option<Ordering>)> = self
+            .routing
+            .routes
+            .iter()
+            .map(|r| (r.event_types.clone(), r.ordering))
+            .collect();
+        OrderRule::new(
+            self.relay.ordering,
+            self.relay.ordering_dead_letters,
+            &rules,
+        )
     }
 
     /// The routing table of this config.

@@ -68,6 +68,17 @@ pub struct Redriven {
     pub not_dead_letters: Vec<i64>,
 }
 
+/// What a discard did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Discarded {
+    /// Given up on, with the discard on the record.
+    pub discarded: Vec<i64>,
+    /// The next events of their aggregates, released (ordering).
+    pub released: Vec<i64>,
+    /// Named, but not (undiscarded) dead letters: left alone.
+    pub not_dead_letters: Vec<i64>,
+}
+
 /// Refuses text PostgreSQL cannot hold (a NUL character): the caller's mistake, said as
 /// such, not a database failure. `name` is how the caller called it.
 pub fn check_text(name: &str, text: &str) -> Result<(), RequestError> {
@@ -160,6 +171,40 @@ pub async fn redrive(
         .collect();
     Ok(Redriven {
         redriven,
+        not_dead_letters,
+    })
+}
+
+/// Discards dead letters (see `outboxd dead-letters discard`) and releases the next
+/// held event of each of their aggregates. `store` must claim under the database's
+/// ordering rule ([`Store::with_recorded_order`]).
+pub async fn discard(
+    store: &Store,
+    ids: &[i64],
+    reason: &str,
+    by: &str,
+) -> Result<Discarded, RequestError> {
+    check_text("reason", reason)?;
+    check_text("by", by)?;
+    let (discarded, aggregates) = store.discard(ids, reason, by).await?;
+    let keys: Vec<(&str, &str)> = aggregates
+        .iter()
+        .map(|(t, i)| (t.as_str(), i.as_str()))
+        .collect();
+    let released = store
+        .unhold_aggregates(&keys, true)
+        .await?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let not_dead_letters = ids
+        .iter()
+        .copied()
+        .filter(|id| !discarded.contains(id))
+        .collect();
+    Ok(Discarded {
+        discarded,
+        released,
         not_dead_letters,
     })
 }

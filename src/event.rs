@@ -30,6 +30,9 @@ pub struct Event {
 pub struct Claim {
     pub lock_token: Uuid,
     pub events: Vec<Event>,
+    /// Events this claim held (ordering) that were free again by the time it had
+    /// committed: due now, to be claimed next (id, created_at).
+    pub released: Vec<(i64, std::time::SystemTime)>,
 }
 
 /// What one destination did with one event.

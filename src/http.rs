@@ -50,13 +50,14 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
         .route("/readyz", get(readyz))
         .route("/api/dead-letters", get(list_dead_letters))
         .route("/api/dead-letters/redrive", post(redrive))
+        .route("/api/dead-letters/discard", post(discard))
         .route("/api/dead-letters/{id}", get(show_event))
         .route("/api/events", get(list_events))
         .route("/api/events/{event}", get(find_event))
         .fallback(|| async {
             problem(
                 StatusCode::NOT_FOUND,
-                "no such endpoint: /metrics, /healthz, /readyz, /api/dead-letters, /api/dead-letters/ID, POST /api/dead-letters/redrive, /api/events?aggregate=TYPE:ID, /api/events/TRACKING_ID",
+                "no such endpoint: /metrics, /healthz, /readyz, /api/dead-letters, /api/dead-letters/ID, POST /api/dead-letters/redrive, POST /api/dead-letters/discard, /api/events?aggregate=TYPE:ID, /api/events/TRACKING_ID",
             )
         })
         .with_state(state);
@@ -338,4 +339,41 @@ async fn redrive(
         );
     }
     answer(dead_letters::redrive(&state.store, &request.ids, &request.reason, &by).await)
+}
+
+/// POST /api/dead-letters/discard `{"ids": [..], "reason": "..", "by": ".."}`: gives up
+/// on dead letters; with ordering, the next events of their aggregates go on at once.
+async fn discard(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<RedriveRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(refused) = authorize(&headers, &state.admin_token) {
+        return refused.into_response();
+    }
+    let Json(request) = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "expected {{\"ids\": [..], \"reason\": \"..\", \"by\": \"..\"}}: {rejection}"
+                ),
+            );
+        }
+    };
+    if request.reason.trim().is_empty() {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "a discard needs a reason: \"reason\" is required (why the event is given up on)",
+        );
+    }
+    let by = request.by.unwrap_or_else(|| "api".into());
+    if by.trim().is_empty() {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "\"by\" names who asks for the discard: leave it out (it is then \"api\") or give a name",
+        );
+    }
+    answer(dead_letters::discard(&state.store, &request.ids, &request.reason, &by).await)
 }

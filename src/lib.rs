@@ -18,6 +18,7 @@ pub mod listener;
 pub mod maintenance;
 pub mod metrics;
 pub mod notification;
+pub mod ordering;
 pub mod producer;
 pub mod relay;
 pub mod retry;

@@ -92,6 +92,10 @@ impl GaugeRefresher {
                     .oldest_pending_age
                     .set(gauges.oldest_pending_age_seconds);
                 self.metrics.events_dead_letter.set(gauges.dead_letters);
+                self.metrics.events_held.set(gauges.held);
+                self.metrics
+                    .dead_letters_blocking
+                    .set(gauges.dead_letters_blocking);
                 self.metrics
                     .notification_queue_usage
                     .set(gauges.notification_queue_usage);

@@ -79,6 +79,9 @@ pub struct Metrics {
     pub events_pending: IntGauge,
     pub oldest_pending_age: Gauge,
     pub events_dead_letter: IntGauge,
+    pub events_held: IntGauge,
+    pub dead_letters_blocking: IntGauge,
+    pub ordering_skipped: IntCounter,
     pub notification_queue_usage: Gauge,
     pub high_load_mode: IntGauge,
     pub high_load_switches: IntCounterVec,
@@ -201,6 +204,21 @@ impl Metrics {
             "Events in DEAD_LETTER, from the database.",
         )
         .expect("metric");
+        let events_held = IntGauge::new(
+            "outbox_events_held",
+            "Events waiting for an earlier event of their aggregate (ordering), from the database; counted in outbox_events_pending too.",
+        )
+        .expect("metric");
+        let dead_letters_blocking = IntGauge::new(
+            "outbox_dead_letters_blocking",
+            "Dead letters holding back later events of their aggregate (ordering_dead_letters = block), from the database: redrive or discard them.",
+        )
+        .expect("metric");
+        let ordering_skipped = IntCounter::new(
+            "outbox_ordering_skipped_total",
+            "Ordered events dead-lettered while ordering_dead_letters = skip: the later events of their aggregate went on without them.",
+        )
+        .expect("metric");
         let notification_queue_usage = Gauge::new(
             "outbox_notification_queue_usage_ratio",
             "pg_notification_queue_usage(): when the queue fills, producers' commits fail.",
@@ -255,6 +273,9 @@ impl Metrics {
             Box::new(events_pending.clone()),
             Box::new(oldest_pending_age.clone()),
             Box::new(events_dead_letter.clone()),
+            Box::new(events_held.clone()),
+            Box::new(dead_letters_blocking.clone()),
+            Box::new(ordering_skipped.clone()),
             Box::new(notification_queue_usage.clone()),
             Box::new(high_load_mode.clone()),
             Box::new(high_load_switches.clone()),
@@ -296,6 +317,9 @@ impl Metrics {
             events_pending,
             oldest_pending_age,
             events_dead_letter,
+            events_held,
+            dead_letters_blocking,
+            ordering_skipped,
             notification_queue_usage,
             high_load_mode,
             high_load_switches,

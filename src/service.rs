@@ -42,7 +42,11 @@ impl Outboxd {
     pub async fn start(config: Config) -> Result<Outboxd, StartError> {
         config.validate()?;
         let metrics = Metrics::new();
-        let store = Store::connect(&config.database).await?;
+        let order = config.order_rule().map_err(StartError::Destination)?;
+        let store = Store::connect(&config.database)
+            .await?
+            .adopt_order(order, &instance_name())
+            .await?;
         let http = if config.http.listen.is_empty() {
             None
         } else {

@@ -116,14 +116,17 @@ async fn metrics_pass_promtool_and_counters_move_by_the_right_amounts() {
         RouteConfig {
             event_types: vec!["order.created".into()],
             destinations: vec!["rabbitmq".into()],
+            ordering: None,
         },
         RouteConfig {
             event_types: vec!["order.invalid".into(), "order.flaky".into()],
             destinations: vec!["webhook:hook".into()],
+            ordering: None,
         },
         RouteConfig {
             event_types: vec!["order.lost".into()],
             destinations: vec!["webhook:gone".into()],
+            ordering: None,
         },
     ];
     // A crashed worker's claim, for the reaper.
@@ -465,6 +468,7 @@ async fn every_known_series_is_exported_at_zero_before_anything_happens() {
     config.routing.routes = vec![RouteConfig {
         event_types: vec!["*".into()],
         destinations: vec!["rabbitmq".into(), "webhook:hook".into()],
+        ordering: None,
     }];
     let service = start(config).await;
     let (status, exposition) = http_get(service.http_addr().unwrap(), "/metrics").await;
@@ -869,6 +873,7 @@ async fn dead_letters_are_redriven_only_with_a_reason_on_the_record() {
     config.routing.routes = vec![RouteConfig {
         event_types: vec!["*".into()],
         destinations: vec!["rabbitmq".into(), "webhook:crm".into()],
+        ordering: None,
     }];
     let service = start(config).await;
     let addr = service.http_addr().unwrap();

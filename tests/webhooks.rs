@@ -21,6 +21,7 @@ fn route(event_types: &[&str], destinations: &[&str]) -> RouteConfig {
     RouteConfig {
         event_types: event_types.iter().map(|s| s.to_string()).collect(),
         destinations: destinations.iter().map(|s| s.to_string()).collect(),
+        ordering: None,
     }
 }
 

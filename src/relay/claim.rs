@@ -11,6 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// The most held events one safety sweep reads (ordering's safety net).
+const UNHOLD_STALE_LIMIT: i64 = 10_000;
+
 impl Relay {
     /// Claims while there is work and a destination with room for another batch, and
     /// starts the deliveries. A destination whose batches are all in flight, or whose
@@ -125,6 +128,17 @@ impl Relay {
                     .await?
             }
             Sweep::Safety => {
+                if d.store.order().any() {
+                    // Ordering's safety net: holds nothing holds back any more.
+                    match d.store.unhold_stale(UNHOLD_STALE_LIMIT).await {
+                        Ok(0) => {}
+                        Ok(released) => tracing::warn!(
+                            events = released,
+                            "safety sweep released held events whose predecessor ended unannounced"
+                        ),
+                        Err(error) => tracing::warn!(%error, "could not check held events"),
+                    }
+                }
                 d.store
                     .claim_due(batch, d.relay.safety_sweep_grace, d.relay.lease, filter)
                     .await?
@@ -180,6 +194,7 @@ impl Relay {
     /// Starts one delivery task per route group of `claim`; each holds a slot of every
     /// destination it still sends to (`probe`: the claim is that destination's probe).
     fn dispatch(&mut self, claim: Claim, probe: Option<String>) {
+        self.inbox.released(&claim.released);
         if let Some(highest) = claim.events.iter().map(|e| e.id).max() {
             self.high_load.saw(highest);
         }

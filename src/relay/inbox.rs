@@ -183,6 +183,22 @@ impl Inbox {
         }
     }
 
+    /// Events released from a hold (ordering): claimed with the next batch of ids.
+    pub fn released(&mut self, events: &[(i64, std::time::SystemTime)]) {
+        for (id, created_at) in events {
+            let seconds = created_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            let created = Created {
+                since: seconds.floor() as i64 - 1,
+                until: seconds.ceil() as i64 + 1,
+            };
+            let known = self.pending.entry(*id).or_insert(Some(created));
+            *known = known.map(|k| k.merge(created));
+        }
+    }
+
     pub fn has_ids(&self) -> bool {
         !self.pending.is_empty()
     }

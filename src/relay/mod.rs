@@ -227,6 +227,7 @@ impl Relay {
                     self.gates.probed(held.probe.as_deref());
                 }
                 self.inbox.schedule_retries(&report.retries);
+                self.inbox.released(&report.released);
             }
             Err(error) if error.is_cancelled() => {
                 // Aborted on shutdown: what it held stays, so shut_down() releases it.

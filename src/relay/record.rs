@@ -20,6 +20,9 @@ pub(super) struct BatchReport {
     /// The delays of the retries this batch scheduled, so the relay claims them when
     /// they fall due instead of waiting for the safety sweep.
     pub retries: Vec<Duration>,
+    /// Events of the same aggregates (ordering) that this batch's outcomes released:
+    /// due now, to be claimed at once (id, created_at).
+    pub released: Vec<(i64, SystemTime)>,
 }
 
 /// The longest wait between two tries of an outcome statement.
@@ -75,6 +78,17 @@ impl Deliverer {
                     });
                 }
                 Decision::Bury { reason, acked } => {
+                    if !self.store.order().dead_letters_block
+                        && self.store.order().is_ordered(&event.event_type)
+                    {
+                        self.metrics.ordering_skipped.inc();
+                        tracing::warn!(
+                            tracking_id = %event.tracking_id,
+                            aggregate_type = %event.aggregate_type,
+                            aggregate_id = %event.aggregate_id,
+                            "ordering_dead_letters = skip: later events of this aggregate go on without this one"
+                        );
+                    }
                     tracing::error!(
                         tracking_id = %event.tracking_id,
                         event_type = %event.event_type,
@@ -97,19 +111,62 @@ impl Deliverer {
             events,
             until: leased_until,
         };
-        self.write("complete", complete.len(), &mut lease, || {
-            self.store.complete(lock_token, &complete)
-        })
-        .await;
+        let mut ended = self
+            .write("complete", complete.len(), &mut lease, || {
+                self.store.complete(lock_token, &complete)
+            })
+            .await;
         self.write("schedule_retry", retry.len(), &mut lease, || {
             self.store.schedule_retry(lock_token, &retry)
         })
         .await;
-        self.write("bury", bury.len(), &mut lease, || {
-            self.store.bury(lock_token, &bury)
-        })
-        .await;
-        BatchReport { retries }
+        let buried = self
+            .write("bury", bury.len(), &mut lease, || {
+                self.store.bury(lock_token, &bury)
+            })
+            .await;
+        if !self.store.order().dead_letters_block {
+            ended.extend(buried);
+        }
+        BatchReport {
+            retries,
+            released: self.release_next(events, &ended).await,
+        }
+    }
+
+    /// Ordering: the events of `ended` (published, or dead-lettered under `skip`) no
+    /// longer hold back their aggregates: the next held event of each is released and
+    /// returned, to be claimed at once. Written after the outcomes committed, so a claim
+    /// that held an event before them is seen (and one that held after them sees them:
+    /// `unhold_ids`).
+    pub(super) async fn release_next(
+        &self,
+        events: &[Event],
+        ended: &[i64],
+    ) -> Vec<(i64, SystemTime)> {
+        let order = self.store.order();
+        if ended.is_empty() || !order.any() {
+            return Vec::new();
+        }
+        let aggregates: Vec<(&str, &str)> = events
+            .iter()
+            .filter(|e| ended.contains(&e.id) && order.is_ordered(&e.event_type))
+            .map(|e| (e.aggregate_type.as_str(), e.aggregate_id.as_str()))
+            .collect();
+        let mut backoff = Backoff::new(Duration::from_millis(200), WRITE_MAX_WAIT);
+        let until = Instant::now() + WRITE_MIN_WINDOW;
+        loop {
+            match self.store.unhold_aggregates(&aggregates, false).await {
+                Ok(released) => return released,
+                Err(error) if error.is_transient() && Instant::now() < until => {
+                    tokio::time::sleep(backoff.failed()).await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not release the next events of these aggregates; the safety sweep does");
+                    return Vec::new();
+                }
+            }
+        }
     }
 
     /// Events no routing rule matches: dead-lettered or skipped as configured, counted.
@@ -140,10 +197,17 @@ impl Deliverer {
                     })
                     .collect();
                 tracing::warn!(events = bury.len(), "unrouted events moved to dead letters");
-                self.write("bury", bury.len(), &mut lease, || {
-                    self.store.bury(lock_token, &bury)
-                })
-                .await;
+                let buried = self
+                    .write("bury", bury.len(), &mut lease, || {
+                        self.store.bury(lock_token, &bury)
+                    })
+                    .await;
+                if !self.store.order().dead_letters_block {
+                    return BatchReport {
+                        released: self.release_next(events, &buried).await,
+                        ..BatchReport::default()
+                    };
+                }
             }
             Unrouted::Skip => {
                 let complete: Vec<CompleteItem> = events
@@ -154,10 +218,15 @@ impl Deliverer {
                         acked: Vec::new(),
                     })
                     .collect();
-                self.write("complete", complete.len(), &mut lease, || {
-                    self.store.complete(lock_token, &complete)
-                })
-                .await;
+                let completed = self
+                    .write("complete", complete.len(), &mut lease, || {
+                        self.store.complete(lock_token, &complete)
+                    })
+                    .await;
+                return BatchReport {
+                    released: self.release_next(events, &completed).await,
+                    ..BatchReport::default()
+                };
             }
         }
         BatchReport::default()
@@ -207,19 +276,20 @@ impl Deliverer {
     /// saves a re-delivery. One that
     /// still fails leaves the events leased: the reaper returns them and they are
     /// delivered again. A retry after a lost reply finds the rows already updated and is
-    /// counted as fenced.
+    /// counted as fenced. Returns the ids written.
     async fn write<F, Fut>(
         &self,
         verb: &'static str,
         expected: usize,
         lease: &mut Lease<'_>,
         mut statement: F,
-    ) where
+    ) -> Vec<i64>
+    where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<Vec<i64>, StoreError>>,
     {
         if expected == 0 {
-            return;
+            return Vec::new();
         }
         let mut backoff = Backoff::new(Duration::from_millis(200), WRITE_MAX_WAIT);
         let at_least_until = Instant::now() + WRITE_MIN_WINDOW;
@@ -239,22 +309,27 @@ impl Deliverer {
             }
         };
         match written {
-            Ok(done) if done.len() < expected => {
-                let fenced = expected - done.len();
-                self.metrics.fenced_outcomes.inc_by(fenced as u64);
-                tracing::warn!(
-                    verb,
-                    fenced,
-                    "outcome refused: the lease had moved on to another owner"
-                );
+            Ok(done) => {
+                if done.len() < expected {
+                    let fenced = expected - done.len();
+                    self.metrics.fenced_outcomes.inc_by(fenced as u64);
+                    tracing::warn!(
+                        verb,
+                        fenced,
+                        "outcome refused: the lease had moved on to another owner"
+                    );
+                }
+                done
             }
-            Ok(_) => {}
-            Err(error) => tracing::error!(
-                verb,
-                events = expected,
-                %error,
-                "could not record outcome; the events return to PENDING when their lease expires"
-            ),
+            Err(error) => {
+                tracing::error!(
+                    verb,
+                    events = expected,
+                    %error,
+                    "could not record outcome; the events return to PENDING when their lease expires"
+                );
+                Vec::new()
+            }
         }
     }
 }

@@ -91,6 +91,13 @@ pub const MIGRATIONS: &[Migration] = &[
         adds: "index outbox_aggregate_idx, ids in outbox_tracking_ids",
         sql: include_str!("../../migrations/0009_event_lookup.sql"),
     },
+    Migration {
+        version: 10,
+        name: "ordering",
+        present: "to_regclass('outbox_settings') IS NOT NULL",
+        adds: "table outbox_settings, column outbox.discarded_at, index outbox_unfinished_idx",
+        sql: include_str!("../../migrations/0010_ordering.sql"),
+    },
 ];
 
 /// Indexes of the partitioned outbox that migrations create on the parent alone and
@@ -102,6 +109,10 @@ const PARTITION_INDEXES: &[(&str, &str)] = &[
         "(next_attempt_at) WHERE status = 'PENDING' AND last_error IS NOT NULL",
     ),
     ("outbox_aggregate_idx", "(aggregate_type, aggregate_id, id)"),
+    (
+        "outbox_unfinished_idx",
+        "(aggregate_type, aggregate_id, id) WHERE status <> 'PUBLISHED'",
+    ),
 ];
 
 /// The advisory lock key migrations (and partition maintenance) take: "outboxd" in ASCII.

@@ -18,8 +18,10 @@ pub use connect::{DatabaseConfig, connect_once, describe_target};
 
 use crate::event::{Claim, Event};
 use crate::notification::Created;
+use crate::ordering::OrderRule;
 use connect::{Purpose, prepare};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use uuid::Uuid;
 
@@ -34,6 +36,9 @@ const RELEASE: &str = include_str!("../../sql/release.sql");
 const NEXT_RETRY: &str = include_str!("../../sql/next_retry.sql");
 const RELEASE_CRASHED: &str = include_str!("../../sql/release_crashed.sql");
 const REAP: &str = include_str!("../../sql/reap.sql");
+const UNHOLD_IDS: &str = include_str!("../../sql/unhold_ids.sql");
+const UNHOLD_AGGREGATES: &str = include_str!("../../sql/unhold_aggregates.sql");
+const UNHOLD_STALE: &str = include_str!("../../sql/unhold_stale.sql");
 const STATUS: &str = include_str!("../../sql/status.sql");
 const DEFAULT_PARTITION_ROWS: &str = include_str!("../../sql/default_partition_rows.sql");
 
@@ -78,6 +83,19 @@ pub enum StoreError {
         tries: u32,
         timeout: String,
     },
+    #[error(
+        "this instance is configured with {configured}, but the database keeps {recorded} (set by {set_by} at {set_at}): every instance of a database must claim by the same ordering rule. Configure this instance the same way (relay.ordering, relay.ordering_dead_letters, each route's ordering), or, to change the rule, stop every instance and run `outboxd ordering adopt` with the new configuration"
+    )]
+    OrderingDiffers {
+        configured: String,
+        recorded: String,
+        set_by: String,
+        set_at: String,
+    },
+    #[error(
+        "{in_flight} events are being delivered right now (live leases): stop every outboxd instance of this database before changing its ordering, then run `outboxd ordering adopt` again"
+    )]
+    OrderingInUse { in_flight: i64 },
     #[error("{statement} failed: {}", error_text(.source))]
     Query {
         statement: &'static str,
@@ -107,7 +125,9 @@ impl StoreError {
             | StoreError::SchemaOutdated { .. }
             | StoreError::SchemaNewer { .. }
             | StoreError::SchemaUnrecorded { .. }
-            | StoreError::MigrationLocked { .. } => false,
+            | StoreError::MigrationLocked { .. }
+            | StoreError::OrderingDiffers { .. }
+            | StoreError::OrderingInUse { .. } => false,
         }
     }
 
@@ -216,6 +236,8 @@ pub struct StatusRow {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// The claim rule of ordering (none by default: see [`Store::with_order`]).
+    order: Arc<OrderRule>,
 }
 
 impl Store {
@@ -244,7 +266,10 @@ impl Store {
             .wait_timeout(Some(config.connect_timeout * 2))
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
-        let store = Store { pool };
+        let store = Store {
+            pool,
+            order: Arc::new(OrderRule::default()),
+        };
         let client = store
             .pool
             .get()
@@ -286,6 +311,149 @@ impl Store {
         Ok(store)
     }
 
+    /// The same store, claiming under `order` (which must be the database's: see
+    /// [`Store::adopt_order`]).
+    pub fn with_order(mut self, order: OrderRule) -> Store {
+        self.order = Arc::new(order);
+        self
+    }
+
+    /// Claims under `order` once the database agrees: the first instance records its
+    /// rule in `outbox_settings`; one configured otherwise is refused
+    /// ([`StoreError::OrderingDiffers`]).
+    pub async fn adopt_order(self, order: OrderRule, set_by: &str) -> Result<Store, StoreError> {
+        let client = self.client().await?;
+        // Two instances starting at once: the second one's INSERT waits for the first's
+        // and does nothing, and its SELECT, on a snapshot older than that commit, finds
+        // nothing either; the next statement sees the row.
+        let mut tries = 0;
+        let row = loop {
+            let found = client
+                .query_opt(
+                    "WITH added AS (
+                         INSERT INTO outbox_settings (name, value, set_by) VALUES ('ordering', $1, $2)
+                         ON CONFLICT (name) DO NOTHING
+                         RETURNING value, set_by, set_at)
+                     SELECT value, set_by, set_at::text FROM added
+                     UNION ALL
+                     SELECT value, set_by, set_at::text FROM outbox_settings
+                      WHERE name = 'ordering' AND NOT EXISTS (SELECT 1 FROM added)",
+                    &[&order.setting(), &set_by],
+                )
+                .await
+                .map_err(StoreError::query("ordering setting"))?;
+            tries += 1;
+            match found {
+                Some(row) => break row,
+                None if tries < 5 => continue,
+                None => {
+                    return Err(StoreError::Pool(
+                        "the ordering setting could not be read or written (outbox_settings)"
+                            .into(),
+                    ));
+                }
+            }
+        };
+        let recorded: String = row.get(0);
+        if OrderRule::from_setting(&recorded).as_ref() != Some(&order) {
+            return Err(StoreError::OrderingDiffers {
+                configured: OrderRule::describe_setting(&order.setting()),
+                recorded: OrderRule::describe_setting(&recorded),
+                set_by: row.get(1),
+                set_at: row.get(2),
+            });
+        }
+        drop(client);
+        Ok(self.with_order(order))
+    }
+
+    /// The ordering setting the database keeps, if any (as stored).
+    pub async fn recorded_order_setting(&self) -> Result<Option<String>, StoreError> {
+        let client = self.client().await?;
+        Ok(client
+            .query_opt(
+                "SELECT value FROM outbox_settings WHERE name = 'ordering'",
+                &[],
+            )
+            .await
+            .map_err(StoreError::query("ordering setting"))?
+            .map(|row| row.get(0)))
+    }
+
+    /// The same store, claiming under the rule the database keeps (none when it keeps
+    /// none yet), for tools that release held events (a discard).
+    pub async fn with_recorded_order(self) -> Result<Store, StoreError> {
+        let recorded = self
+            .recorded_order_setting()
+            .await?
+            .and_then(|setting| OrderRule::from_setting(&setting));
+        Ok(match recorded {
+            Some(order) => self.with_order(order),
+            None => self,
+        })
+    }
+
+    /// `outboxd ordering adopt`: makes `order` the database's rule. Refused while
+    /// events are leased (an instance is running). Every held event is released (the
+    /// new rule may not hold it) and a sweep is asked for. Returns the previous setting.
+    pub async fn set_order(
+        &self,
+        order: &OrderRule,
+        set_by: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let mut client = self.client().await?;
+        let transaction = client
+            .transaction()
+            .await
+            .map_err(StoreError::query("ordering adopt"))?;
+        let in_flight: i64 = transaction
+            .query_one(
+                "SELECT count(*) FROM outbox WHERE status = 'PROCESSING' AND locked_until > now()",
+                &[],
+            )
+            .await
+            .map_err(StoreError::query("ordering adopt"))?
+            .get(0);
+        if in_flight > 0 {
+            return Err(StoreError::OrderingInUse { in_flight });
+        }
+        let previous: Option<String> = transaction
+            .query_opt(
+                "SELECT value FROM outbox_settings WHERE name = 'ordering' FOR UPDATE",
+                &[],
+            )
+            .await
+            .map_err(StoreError::query("ordering adopt"))?
+            .map(|row| row.get(0));
+        transaction
+            .execute(
+                "INSERT INTO outbox_settings (name, value, set_by) VALUES ('ordering', $1, $2)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value, set_by = excluded.set_by,
+                                                  set_at = now()",
+                &[&order.setting(), &set_by],
+            )
+            .await
+            .map_err(StoreError::query("ordering adopt"))?;
+        transaction
+            .batch_execute(
+                "UPDATE outbox SET next_attempt_at = now()
+                  WHERE status = 'PENDING' AND next_attempt_at = 'infinity';
+                 SELECT pg_notify('outbox_events', '');",
+            )
+            .await
+            .map_err(StoreError::query("ordering adopt"))?;
+        transaction
+            .commit()
+            .await
+            .map_err(StoreError::query("ordering adopt"))?;
+        Ok(previous)
+    }
+
+    /// The ordering rule this store claims under.
+    pub fn order(&self) -> &OrderRule {
+        &self.order
+    }
+
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool
             .get()
@@ -322,6 +490,10 @@ impl Store {
                 &filter.want,
                 &since,
                 &until,
+                &self.order.ordered_by_default,
+                &self.order.patterns,
+                &self.order.ordered,
+                &self.order.dead_letters_block,
             ],
         )
         .await
@@ -349,6 +521,10 @@ impl Store {
                 &filter.routes,
                 &filter.avoid,
                 &filter.want,
+                &self.order.ordered_by_default,
+                &self.order.patterns,
+                &self.order.ordered,
+                &self.order.dead_letters_block,
             ],
         )
         .await
@@ -375,6 +551,10 @@ impl Store {
                 &filter.routes,
                 &filter.avoid,
                 &filter.want,
+                &self.order.ordered_by_default,
+                &self.order.patterns,
+                &self.order.ordered,
+                &self.order.dead_letters_block,
             ],
         )
         .await
@@ -396,10 +576,111 @@ impl Store {
             .query(&statement, params)
             .await
             .map_err(StoreError::query(verb))?;
+        let mut events = Vec::with_capacity(rows.len());
+        let mut held = Vec::new();
+        for row in &rows {
+            if row.get::<_, bool>(11) {
+                held.push(row.get::<_, i64>(0));
+            } else {
+                events.push(event_from_row(row));
+            }
+        }
+        // The claim has committed (one statement, autocommit): an outcome that
+        // committed meanwhile may have missed these holds; this read sees it.
+        let released = if held.is_empty() {
+            Vec::new()
+        } else {
+            let statement = client
+                .prepare_cached(UNHOLD_IDS)
+                .await
+                .map_err(StoreError::query("unhold_ids"))?;
+            let order = &self.order;
+            client
+                .query(
+                    &statement,
+                    &[
+                        &held,
+                        &order.ordered_by_default,
+                        &order.patterns,
+                        &order.ordered,
+                        &order.dead_letters_block,
+                    ],
+                )
+                .await
+                .map_err(StoreError::query("unhold_ids"))?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect()
+        };
         Ok(Claim {
             lock_token: token,
-            events: rows.iter().map(event_from_row).collect(),
+            events,
+            released,
         })
+    }
+
+    /// unhold_aggregates: an event of each of these aggregates (type, id) had its
+    /// outcome; their next held events are due again. Returns those (id, created_at),
+    /// to be claimed at once; with `notify` they are announced as well (for a caller
+    /// that does not claim). Nothing to do without ordering.
+    pub async fn unhold_aggregates(
+        &self,
+        aggregates: &[(&str, &str)],
+        notify: bool,
+    ) -> Result<Vec<(i64, SystemTime)>, StoreError> {
+        if aggregates.is_empty() || !self.order.any() {
+            return Ok(Vec::new());
+        }
+        let types: Vec<&str> = aggregates.iter().map(|a| a.0).collect();
+        let ids: Vec<&str> = aggregates.iter().map(|a| a.1).collect();
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(UNHOLD_AGGREGATES)
+            .await
+            .map_err(StoreError::query("unhold_aggregates"))?;
+        let order = &self.order;
+        let rows = client
+            .query(
+                &statement,
+                &[
+                    &types,
+                    &ids,
+                    &notify,
+                    &order.ordered_by_default,
+                    &order.patterns,
+                    &order.ordered,
+                    &order.dead_letters_block,
+                ],
+            )
+            .await
+            .map_err(StoreError::query("unhold_aggregates"))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// unhold_stale: the safety net of ordering (with the safety sweep): held events
+    /// nothing holds back any more are due again and announced. Reads at most `limit`
+    /// held events. Returns how many it released.
+    pub async fn unhold_stale(&self, limit: i64) -> Result<usize, StoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(UNHOLD_STALE)
+            .await
+            .map_err(StoreError::query("unhold_stale"))?;
+        let order = &self.order;
+        let rows = client
+            .query(
+                &statement,
+                &[
+                    &limit,
+                    &order.ordered_by_default,
+                    &order.patterns,
+                    &order.ordered,
+                    &order.dead_letters_block,
+                ],
+            )
+            .await
+            .map_err(StoreError::query("unhold_stale"))?;
+        Ok(rows.len())
     }
 
     /// complete: PUBLISHED. Returns the ids actually completed (fewer when fenced).

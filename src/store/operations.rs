@@ -10,6 +10,7 @@ const LIST_DEAD_LETTERS: &str = include_str!("../../sql/list_dead_letters.sql");
 const SHOW_EVENT: &str = include_str!("../../sql/show_event.sql");
 const LIST_REDRIVES: &str = include_str!("../../sql/list_redrives.sql");
 const REDRIVE: &str = include_str!("../../sql/redrive.sql");
+const DISCARD: &str = include_str!("../../sql/discard.sql");
 const FIND_TRACKING_ID: &str = include_str!("../../sql/find_tracking_id.sql");
 const LIST_AGGREGATE_EVENTS: &str = include_str!("../../sql/list_aggregate_events.sql");
 
@@ -21,6 +22,10 @@ pub struct Gauges {
     pub dead_letters: i64,
     pub notification_queue_usage: f64,
     pub default_partition_rows: i64,
+    /// Events held behind an earlier event of their aggregate (ordering).
+    pub held: i64,
+    /// Dead letters holding back later events of their aggregate.
+    pub dead_letters_blocking: i64,
 }
 
 /// Which dead letters to list.
@@ -105,6 +110,8 @@ pub struct Redrive {
     /// The error the event had when it was sent again.
     pub last_error: Option<String>,
     pub attempts: i32,
+    /// `redrive`, or `discard` (given up on: `outboxd dead-letters discard`).
+    pub action: String,
 }
 
 /// Why a redrive was refused before touching anything.
@@ -114,9 +121,11 @@ pub enum RedriveError {
         "a redrive needs a reason (what was fixed, so the event can pass now): give --reason \"...\""
     )]
     NoReason,
+    #[error("a discard needs a reason (why the event is given up on): give --reason \"...\"")]
+    NoDiscardReason,
     #[error("a redrive needs to know who asked for it: give --by NAME")]
     NoRequester,
-    #[error("name at least one dead letter to redrive: --id ID")]
+    #[error("name at least one dead letter: --id ID")]
     NoIds,
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -167,6 +176,8 @@ impl Store {
             dead_letters: row.get(2),
             notification_queue_usage: row.get(3),
             default_partition_rows: row.get(4),
+            held: row.get(5),
+            dead_letters_blocking: row.get(6),
         })
     }
 
@@ -228,6 +239,7 @@ impl Store {
                 at: h.get(2),
                 last_error: h.get(3),
                 attempts: h.get(4),
+                action: h.get(5),
             })
             .collect();
         let json = |text: String| serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
@@ -331,6 +343,41 @@ impl Store {
             "dead letters redriven"
         );
         Ok(ids)
+    }
+
+    /// discard: dead letters given up on (see sql/discard.sql), each recorded with the
+    /// reason and who asked. Returns the ids discarded and their aggregates.
+    pub async fn discard(
+        &self,
+        ids: &[i64],
+        reason: &str,
+        by: &str,
+    ) -> Result<(Vec<i64>, Vec<(String, String)>), RedriveError> {
+        if reason.trim().is_empty() {
+            return Err(RedriveError::NoDiscardReason);
+        }
+        if by.trim().is_empty() {
+            return Err(RedriveError::NoRequester);
+        }
+        if ids.is_empty() {
+            return Err(RedriveError::NoIds);
+        }
+        let client = self.pooled().await?;
+        let rows = client
+            .query(DISCARD, &[&ids, &reason.trim(), &by.trim()])
+            .await
+            .map_err(StoreError::query("discard"))?;
+        let discarded: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        tracing::info!(
+            ids = ?discarded,
+            reason = reason.trim(),
+            by = by.trim(),
+            "dead letters discarded"
+        );
+        Ok((
+            discarded,
+            rows.iter().map(|r| (r.get(1), r.get(2))).collect(),
+        ))
     }
 }
 
