@@ -1,5 +1,6 @@
--- status: counts per status and the age of the oldest due PENDING event, for
--- `outboxd status`. Scans the table: an operator's command, not a hot path.
+-- status: counts per status and the age of the oldest event of each, for
+-- `outboxd status`; held events (ordering) are counted as PENDING, discarded dead
+-- letters as DEAD_LETTER. Scans the table: an operator's command, not a hot path.
 SELECT s.status,
        coalesce(c.n, 0) AS events,
        c.oldest_age_seconds

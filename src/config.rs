@@ -559,7 +559,8 @@ fn apply_env(
     Ok(warnings)
 }
 
-/// `OUTBOXD_ROUTING_ROUTES`: `"order.*|invoice.*=rabbitmq,webhook:billing; *=rabbitmq"`.
+/// `OUTBOXD_ROUTING_ROUTES`: `"order.*|invoice.*=rabbitmq,webhook:billing; *=rabbitmq"`;
+/// a rule's own ordering follows its destinations after `@`: `audit.*=rabbitmq@none`.
 fn parse_routes(raw: &str) -> Result<toml::Value, String> {
     let mut routes = Vec::new();
     for rule in raw.split(';').map(str::trim).filter(|r| !r.is_empty()) {
@@ -576,6 +577,16 @@ fn parse_routes(raw: &str) -> Result<toml::Value, String> {
             )
         };
         let mut route = toml::Table::new();
+        let destinations = match destinations.split_once('@') {
+            Some((destinations, ordering)) => {
+                route.insert(
+                    "ordering".into(),
+                    toml::Value::String(ordering.trim().to_string()),
+                );
+                destinations
+            }
+            None => destinations,
+        };
         route.insert("event_types".into(), list(patterns, '|'));
         route.insert("destinations".into(), list(destinations, ','));
         routes.push(toml::Value::Table(route));
@@ -791,11 +802,16 @@ headers = { "x-env" = "test" }
                 ("OUTBOXD_WEBHOOK_CRM_MAX_IN_FLIGHT", "4"),
                 (
                     "OUTBOXD_ROUTING_ROUTES",
-                    "order.*|invoice.*=rabbitmq,webhook:crm; *=rabbitmq",
+                    "order.*|invoice.*=rabbitmq,webhook:crm; *=rabbitmq @ none",
                 ),
             ]),
         )
         .unwrap();
+        assert_eq!(config.routing.routes[0].ordering, None);
+        assert_eq!(
+            config.routing.routes[1].ordering,
+            Some(crate::ordering::Ordering::None)
+        );
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(config.webhooks["crm"].secrets.len(), 2);
         assert_eq!(config.webhooks["crm"].max_in_flight, 4);
@@ -805,6 +821,38 @@ headers = { "x-env" = "test" }
             vec!["order.*", "invoice.*"]
         );
         assert_eq!(config.routing.routes[1].destinations, vec!["rabbitmq"]);
+    }
+
+    #[test]
+    fn an_unknown_ordering_is_refused_with_the_key_and_the_choices() {
+        for (name, value, key) in [
+            ("OUTBOXD_RELAY_ORDERING", "sorted", "relay.ordering"),
+            (
+                "OUTBOXD_RELAY_ORDERING_DEAD_LETTERS",
+                "wait",
+                "ordering_dead_letters",
+            ),
+            (
+                "OUTBOXD_ROUTING_ROUTES",
+                "*=rabbitmq@strict",
+                "routing.routes",
+            ),
+        ] {
+            let text = Config::load(None, env(&[(name, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(text.contains(key), "{key} in: {text}");
+            let given = value.rsplit('@').next().unwrap_or(value);
+            assert!(text.contains(given), "{given} in: {text}");
+            let choices = if key == "ordering_dead_letters" {
+                ["block", "skip"]
+            } else {
+                ["none", "per_aggregate"]
+            };
+            for choice in choices {
+                assert!(text.contains(choice), "{choice} in: {text}");
+            }
+        }
     }
 
     #[test]
