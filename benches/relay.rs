@@ -37,6 +37,9 @@ struct Settings {
     baseline_backlog: i64,
     webhook_backlog: i64,
     scale_backlog: i64,
+    /// Ordering rows: a backlog over 10,000 aggregates, and one on a single aggregate.
+    ordered_backlog: i64,
+    hot_backlog: i64,
     idle_for: Duration,
     outage_backlog: usize,
     outage_for: Duration,
@@ -63,6 +66,8 @@ impl Settings {
             baseline_backlog: 10_000,
             webhook_backlog: 20_000,
             scale_backlog: 60_000,
+            ordered_backlog: 100_000,
+            hot_backlog: 5_000,
             idle_for: Duration::from_secs(60),
             outage_backlog: 20_000,
             outage_for: Duration::from_secs(60),
@@ -83,6 +88,8 @@ impl Settings {
             baseline_backlog: 1_000,
             webhook_backlog: 2_000,
             scale_backlog: 10_000,
+            ordered_backlog: 20_000,
+            hot_backlog: 1_000,
             idle_for: Duration::from_secs(5),
             outage_backlog: 2_000,
             outage_for: Duration::from_secs(5),
@@ -101,6 +108,8 @@ impl Settings {
             baseline_backlog: 500,
             webhook_backlog: 500,
             scale_backlog: 2_000,
+            ordered_backlog: 2_000,
+            hot_backlog: 200,
             idle_for: Duration::from_secs(2),
             outage_backlog: 500,
             outage_for: Duration::from_secs(2),
@@ -239,11 +248,29 @@ impl Running {
 /// Off for the comparison row: notifications stay on whatever the load.
 static HIGH_LOAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
+/// On for the ordered rows: `relay.ordering = "per_aggregate"`.
+static ORDERED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn config(db: &TestDb, broker: &TestBroker) -> outboxd::Config {
     let mut config = support::config(db, broker);
     config.database.pool_size = 8;
     config.high_load.enabled = HIGH_LOAD.load(std::sync::atomic::Ordering::SeqCst);
+    if ORDERED.load(std::sync::atomic::Ordering::SeqCst) {
+        config.relay.ordering = outboxd::ordering::Ordering::PerAggregate;
+    }
     config
+}
+
+/// Runs `scenario` with ordering on (`ordered`) or off.
+async fn with_ordering<F, Fut, T>(ordered: bool, scenario: F) -> T
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    ORDERED.store(ordered, std::sync::atomic::Ordering::SeqCst);
+    let result = scenario().await;
+    ORDERED.store(false, std::sync::atomic::Ordering::SeqCst);
+    result
 }
 
 /// `n` outboxd instances on `db`, started together, each with its listener up.
@@ -367,6 +394,8 @@ enum Writes {
     /// `outboxd::enqueue` (which serialises producers of one aggregate), each event its
     /// own aggregate, or all on one (`hot`).
     Enqueue { hot: bool },
+    /// `outboxd::enqueue`, producers taking turns over this many aggregates.
+    Keys(usize),
 }
 
 /// [`produce`], with events of `event_type`.
@@ -425,6 +454,13 @@ async fn produce_with(
                             .await
                             .expect("insert")
                             .get(0),
+                        Writes::Keys(aggregates) => {
+                            let aggregate =
+                                ((i as usize * connections + k) % aggregates).to_string();
+                            let event =
+                                outboxd::NewEvent::new("order", aggregate, event_type, payload);
+                            outboxd::enqueue(&client, &event).await.expect("enqueue")
+                        }
                         Writes::Enqueue { hot } => {
                             let aggregate = if hot { "hot".to_string() } else { n.clone() };
                             let event =
@@ -629,6 +665,30 @@ async fn relayed_load(
     (produced, consumed)
 }
 
+/// [`relayed_load`] through `enqueue` over `aggregates` aggregates.
+async fn keyed_load(
+    aggregates: usize,
+    connections: usize,
+    rate: f64,
+    duration: Duration,
+) -> (Produced, Consumed) {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let relay = Running::start(RelayKind::Outboxd, &db, &broker).await;
+    let produced = produce_with(
+        &db,
+        connections,
+        Some(rate),
+        duration,
+        "order.created",
+        Writes::Keys(aggregates),
+    )
+    .await;
+    let consumed = consume(&broker, &produced, Duration::from_secs(120)).await;
+    relay.stop().await;
+    (produced, consumed)
+}
+
 /// `n` events committed while no relay runs, then `instances` start: events/s until the
 /// last one is consumed.
 async fn backlog_drain(kind: RelayKind, n: i64, instances: usize) -> (f64, bool) {
@@ -646,6 +706,34 @@ async fn backlog_drain(kind: RelayKind, n: i64, instances: usize) -> (f64, bool)
     let complete = received.len() >= n as usize;
     if !complete {
         eprintln!("  drain: {} of {n} consumed", received.len());
+    }
+    (n as f64 / elapsed.as_secs_f64(), complete)
+}
+
+/// [`backlog_drain`] of `n` events spread over `aggregates` aggregates (event g belongs
+/// to aggregate g mod `aggregates`, so each aggregate's events are interleaved with the
+/// others' in id order).
+async fn keyed_drain(n: i64, aggregates: i64, instances: usize) -> (f64, bool) {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             SELECT 'order', (g % $2::int8)::text, 'order.created', jsonb_build_object('n', g)
+               FROM generate_series(1, $1::int8) AS g",
+            &[&n, &aggregates],
+        )
+        .await
+        .expect("backlog");
+    let started = Instant::now();
+    let relay = Running::Outboxd(start_instances(&db, &broker, instances).await);
+    let received = broker.wait_for(n as usize, Duration::from_secs(600)).await;
+    let elapsed = started.elapsed();
+    relay.stop().await;
+    let complete = received.len() >= n as usize;
+    if !complete {
+        eprintln!("  keyed drain: {} of {n} consumed", received.len());
     }
     (n as f64 / elapsed.as_secs_f64(), complete)
 }
@@ -1020,6 +1108,78 @@ async fn run(s: &Settings) -> (Table, bool) {
                 median(&rates),
                 "ev/s",
             );
+        }
+    }
+
+    if s.wants("ordering") {
+        t.section(&format!(
+            "ordering: {} PENDING events on 10,000 aggregates, then the relay starts; same run, unordered vs relay.ordering = per_aggregate",
+            s.ordered_backlog
+        ));
+        let mut by_mode: HashMap<(bool, usize), f64> = HashMap::new();
+        for instances in [1, 2, 4] {
+            for ordered in [false, true] {
+                let rates = repeat(runs, &mut ok, || {
+                    with_ordering(ordered, || {
+                        keyed_drain(s.ordered_backlog, 10_000, instances)
+                    })
+                })
+                .await;
+                let mode = if ordered { "ordered" } else { "unordered" };
+                t.add(
+                    format!("{mode}, {instances} instance(s)"),
+                    runs,
+                    median(&rates),
+                    "ev/s",
+                );
+                by_mode.insert((ordered, instances), median(&rates));
+            }
+        }
+        t.add(
+            "ordered / unordered drain, 1 instance",
+            runs,
+            by_mode[&(true, 1)] / by_mode[&(false, 1)],
+            "x",
+        );
+        for ordered in [false, true] {
+            let mode = if ordered { "ordered" } else { "unordered" };
+            for instances in [2, 4] {
+                t.add(
+                    format!("{mode}: {instances} instances / 1"),
+                    runs,
+                    by_mode[&(ordered, instances)] / by_mode[&(ordered, 1)],
+                    "x",
+                );
+            }
+        }
+        let rates = repeat(runs, &mut ok, || {
+            with_ordering(true, || keyed_drain(s.hot_backlog, 1, 1))
+        })
+        .await;
+        t.add(
+            format!("ordered, one hot aggregate: {} events", s.hot_backlog),
+            runs,
+            median(&rates),
+            "ev/s",
+        );
+        for ordered in [false, true] {
+            let (_, consumed) = with_ordering(ordered, || {
+                keyed_load(1_000, 4, s.latency_rate, s.latency_for)
+            })
+            .await;
+            ok &= consumed.complete;
+            let mode = if ordered { "ordered" } else { "unordered" };
+            for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+                t.add(
+                    format!(
+                        "{mode}: {name} at {:.0} events/s over 1,000 aggregates (enqueue), commit to consumer",
+                        s.latency_rate
+                    ),
+                    1,
+                    quantile(&consumed.latencies, q) * 1000.0,
+                    "ms",
+                );
+            }
         }
     }
 

@@ -32,3 +32,9 @@ ALTER TABLE outbox_redrives ADD COLUMN IF NOT EXISTS action text NOT NULL DEFAUL
 -- on each partition with CREATE INDEX CONCURRENTLY by `outboxd migrate`.
 CREATE INDEX IF NOT EXISTS outbox_unfinished_idx ON ONLY outbox (aggregate_type, aggregate_id, id)
     WHERE status <> 'PUBLISHED';
+
+-- Each aggregate's held events by id (PENDING at 'infinity'), for the statements that
+-- release them (unhold_*): an aggregate's next held event is one probe of a small index
+-- however many events are held or due. Built as the index above.
+CREATE INDEX IF NOT EXISTS outbox_held_idx ON ONLY outbox (aggregate_type, aggregate_id, id)
+    WHERE status = 'PENDING' AND next_attempt_at = 'infinity';

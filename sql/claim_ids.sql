@@ -35,7 +35,7 @@ WITH picked AS (
      ORDER BY id
      LIMIT $4
        FOR UPDATE SKIP LOCKED
-), judged AS (
+), judged AS MATERIALIZED (
     -- Ordering (src/ordering.rs): an ordered candidate with an unfinished earlier event
     -- of its aggregate is held, not claimed. One probe of outbox_unfinished_idx per
     -- partition; the earlier event may be locked by another claim (SKIP LOCKED skipped

@@ -22,6 +22,5 @@ SELECT (SELECT count(*) FROM outbox WHERE status = 'PENDING')
                         WHERE h.aggregate_type = d.aggregate_type
                           AND h.aggregate_id = d.aggregate_id
                           AND h.id > d.id
-                          AND h.status <> 'PUBLISHED'
                           AND h.status = 'PENDING'
                           AND h.next_attempt_at = 'infinity')) AS dead_letters_blocking

@@ -2,7 +2,7 @@
 -- dead-lettered under `skip`, discarded): the aggregate's lowest held event is due
 -- again when nothing earlier holds it back, and is returned to be claimed at once (or
 -- announced on outbox_events, for a caller that does not claim: $3).
--- Reads outbox_unfinished_idx: the aggregate's unfinished events, not its history.
+-- Reads outbox_held_idx (the aggregate's held events), then outbox_unfinished_idx.
 -- $1 aggregate_type text[], $2 aggregate_id text[], $3 notify bool, and the order rule:
 -- $4 ordered_by_default bool, $5 patterns text[], $6 ordered bool[],
 -- $7 dead_letters_block bool.
@@ -14,7 +14,6 @@ WITH lowest AS (
              FROM outbox
             WHERE aggregate_type = a.t
               AND aggregate_id = a.i
-              AND status <> 'PUBLISHED'
               AND status = 'PENDING'
               AND next_attempt_at = 'infinity'
             ORDER BY id

@@ -95,7 +95,7 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 10,
         name: "ordering",
         present: "to_regclass('outbox_settings') IS NOT NULL",
-        adds: "table outbox_settings, column outbox.discarded_at, index outbox_unfinished_idx",
+        adds: "table outbox_settings, column outbox.discarded_at, indexes outbox_unfinished_idx and outbox_held_idx",
         sql: include_str!("../../migrations/0010_ordering.sql"),
     },
 ];
@@ -112,6 +112,10 @@ const PARTITION_INDEXES: &[(&str, &str)] = &[
     (
         "outbox_unfinished_idx",
         "(aggregate_type, aggregate_id, id) WHERE status <> 'PUBLISHED'",
+    ),
+    (
+        "outbox_held_idx",
+        "(aggregate_type, aggregate_id, id) WHERE status = 'PENDING' AND next_attempt_at = 'infinity'",
     ),
 ];
 
