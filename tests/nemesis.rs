@@ -15,6 +15,10 @@
 //!   connections: their events wait for a lease or a reconnect), reach it with p99
 //!   under 1 s, whatever the broker and the other endpoints do meanwhile.
 //!
+//! Run twice: without ordering (every event its own aggregate), and with
+//! `relay.ordering = "per_aggregate"`, where the audit also checks that each destination
+//! received every aggregate's events in id order.
+//!
 //! One seed per run, printed: `OUTBOXD_NEMESIS_SEED=N` replays a schedule.
 
 mod support;
@@ -60,15 +64,15 @@ fn destinations(event_type: &str) -> &'static [&'static str] {
 }
 
 /// A poison event for RabbitMQ and the words its dead-letter reason must hold.
-fn poison(kind: usize, n: u64) -> (NewEvent, &'static str) {
+fn poison(kind: usize, aggregate: String) -> (NewEvent, &'static str) {
     let long = "x".repeat(300);
     match kind % 5 {
         0 => (
-            NewEvent::new("order", n.to_string(), format!("order.{long}"), json!({})),
+            NewEvent::new("order", aggregate, format!("order.{long}"), json!({})),
             "event_type",
         ),
         1 => (
-            NewEvent::new("order", n.to_string(), "order.created", json!({}))
+            NewEvent::new("order", aggregate.clone(), "order.created", json!({}))
                 .with_metadata(json!({ long: "v" })),
             "metadata key",
         ),
@@ -77,12 +81,12 @@ fn poison(kind: usize, n: u64) -> (NewEvent, &'static str) {
             "routing key",
         ),
         3 => (
-            NewEvent::new("order", n.to_string(), "order.created", json!({}))
+            NewEvent::new("order", aggregate.clone(), "order.created", json!({}))
                 .with_metadata(json!({ "big": "y".repeat(300_000) })),
             "frame_max",
         ),
         _ => (
-            NewEvent::new("order", n.to_string(), "order.created", json!({}))
+            NewEvent::new("order", aggregate.clone(), "order.created", json!({}))
                 .with_metadata(json!({ "CC": "order.elsewhere" })),
             "\"CC\"",
         ),
@@ -102,14 +106,22 @@ struct Committed {
 /// The first 2xx answer an endpoint gave, per `webhook-id`.
 type Answered = Arc<Mutex<HashMap<String, Instant>>>;
 
+/// Every 2xx answer an endpoint gave, in order: the `webhook-id` (the tracking_id).
+type Accepted = Arc<Mutex<Vec<String>>>;
+
 /// An endpoint that answers as `script` says (`None`: never) and remembers when it first
 /// said 2xx to each event.
-async fn endpoint(script: impl Fn(&Hit) -> Reply + Send + Sync + 'static) -> (Endpoint, Answered) {
+async fn endpoint(
+    script: impl Fn(&Hit) -> Reply + Send + Sync + 'static,
+) -> (Endpoint, Answered, Accepted) {
     let answered: Answered = Arc::default();
+    let accepted: Accepted = Arc::default();
     let record = Arc::clone(&answered);
+    let in_order = Arc::clone(&accepted);
     let endpoint = Endpoint::start(move |hit: &Hit| {
         let reply = script(hit);
         if (200..300).contains(&reply.status) && reply.delay != Some(None) {
+            in_order.lock().unwrap().push(hit.id().to_string());
             let at = Instant::now() + reply.delay.flatten().unwrap_or_default();
             record
                 .lock()
@@ -120,10 +132,16 @@ async fn endpoint(script: impl Fn(&Hit) -> Reply + Send + Sync + 'static) -> (En
         reply
     })
     .await;
-    (endpoint, answered)
+    (endpoint, answered, accepted)
 }
 
-fn instance_env(amqp: &str, fast: &str, slow: &str, flaky: &str) -> Vec<(String, String)> {
+fn instance_env(
+    amqp: &str,
+    fast: &str,
+    slow: &str,
+    flaky: &str,
+    ordered: bool,
+) -> Vec<(String, String)> {
     let mut env = vec![
         ("OUTBOXD_RABBITMQ_URL", amqp.to_string()),
         (
@@ -141,6 +159,11 @@ fn instance_env(amqp: &str, fast: &str, slow: &str, flaky: &str) -> Vec<(String,
         ("OUTBOXD_WEBHOOK_FLAKY_URL", flaky.into()),
         ("OUTBOXD_WEBHOOK_FLAKY_COOL_DOWN", "300ms".into()),
     ];
+    if ordered {
+        // Poison events share aggregates with good ones: `skip` lets those go on.
+        env.push(("OUTBOXD_RELAY_ORDERING", "per_aggregate".into()));
+        env.push(("OUTBOXD_RELAY_ORDERING_DEAD_LETTERS", "skip".into()));
+    }
     for secret in [
         "OUTBOXD_WEBHOOK_FAST_SECRET",
         "OUTBOXD_WEBHOOK_SLOW_SECRET",
@@ -175,6 +198,18 @@ async fn kill_database_connections(db: &TestDb) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nemesis_every_good_event_arrives_and_only_poison_is_dead_lettered() {
+    nemesis(false).await;
+}
+
+/// The same with `relay.ordering = "per_aggregate"` (and `skip`): events share 25
+/// aggregates per route, poison ones among the RabbitMQ route's, and the audit checks as
+/// well that every destination received each aggregate's events in id order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nemesis_with_ordering_delivers_each_aggregate_in_order() {
+    nemesis(true).await;
+}
+
+async fn nemesis(ordered: bool) {
     let seed: u64 = std::env::var("OUTBOXD_NEMESIS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -186,10 +221,10 @@ async fn nemesis_every_good_event_arrives_and_only_poison_is_dead_lettered() {
     let db = TestDb::new().await;
     let broker = TestBroker::new(Some("#")).await;
     let amqp = CountingProxy::start("127.0.0.1:5672".parse().unwrap()).await;
-    let (fast, fast_answered) = endpoint(|_| Reply::ok()).await;
+    let (fast, fast_answered, fast_accepted) = endpoint(|_| Reply::ok()).await;
     let slow_silent = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let silent = Arc::clone(&slow_silent);
-    let (slow, slow_answered) = endpoint(move |_| {
+    let (slow, slow_answered, slow_accepted) = endpoint(move |_| {
         if silent.load(std::sync::atomic::Ordering::SeqCst) {
             Reply::silent()
         } else {
@@ -202,7 +237,7 @@ async fn nemesis_every_good_event_arrives_and_only_poison_is_dead_lettered() {
     .await;
     let flaky_seed: u64 = rng.random();
     let flaky_rng = Mutex::new(StdRng::seed_from_u64(flaky_seed));
-    let (flaky, flaky_answered) = endpoint(move |_| {
+    let (flaky, flaky_answered, flaky_accepted) = endpoint(move |_| {
         if flaky_rng.lock().unwrap().random_bool(0.3) {
             Reply::status(503)
         } else {
@@ -215,6 +250,7 @@ async fn nemesis_every_good_event_arrives_and_only_poison_is_dead_lettered() {
         &fast.url(),
         &slow.url(),
         &flaky.url(),
+        ordered,
     );
     let mut instances: Vec<Instance> = (0..INSTANCES)
         .map(|_| start_instance(&db, &broker, &env))
@@ -223,6 +259,14 @@ async fn nemesis_every_good_event_arrives_and_only_poison_is_dead_lettered() {
         instance.wait_running().await;
     }
 
+    // Without ordering every event is its own aggregate; with it, 25 aggregates a route.
+    let aggregate = move |event_type: &str, n: u64| -> String {
+        if ordered {
+            format!("{}-{}", event_type.split('.').next().unwrap_or(""), n % 25)
+        } else {
+            n.to_string()
+        }
+    };
     // Producers: a transaction every 20 ms with 1-3 events, now and then a poison one
     // among them.
     let started = Instant::now();
@@ -249,7 +293,7 @@ async fn nemesis_every_good_event_arrives_and_only_poison_is_dead_lettered() {
                     };
                     events.push(NewEvent::new(
                         "order",
-                        n.to_string(),
+                        aggregate(event_type, n),
                         event_type,
                         json!({ "n": n }),
                     ));
@@ -257,7 +301,8 @@ async fn nemesis_every_good_event_arrives_and_only_poison_is_dead_lettered() {
                 }
                 if rng.random_bool(0.03) {
                     n += 1;
-                    let (bad, reason) = poison(rng.random_range(0..5), n);
+                    let (bad, reason) =
+                        poison(rng.random_range(0..5), aggregate("order.created", n));
                     let at = rng.random_range(0..=events.len());
                     events.insert(at, bad);
                     kinds.insert(at, Some(reason));
@@ -463,6 +508,51 @@ async fn nemesis_every_good_event_arrives_and_only_poison_is_dead_lettered() {
                     event.event_type
                 );
             }
+        }
+    }
+
+    if ordered {
+        // Each destination received every aggregate's good events in id order.
+        let positions: HashMap<String, (String, i64)> = audit_client
+            .query(
+                "SELECT tracking_id::text, aggregate_id, id FROM outbox",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect();
+        let rabbit: Vec<String> = broker
+            .received()
+            .into_iter()
+            .map(|m| m.message_id)
+            .collect();
+        for (destination, arrivals) in [
+            ("rabbitmq", rabbit),
+            ("webhook:fast", fast_accepted.lock().unwrap().clone()),
+            ("webhook:slow", slow_accepted.lock().unwrap().clone()),
+            ("webhook:flaky", flaky_accepted.lock().unwrap().clone()),
+        ] {
+            let mut expected: HashMap<String, Vec<i64>> = HashMap::new();
+            for event in committed.iter().filter(|c| {
+                c.poison.is_none() && destinations(&c.event_type).contains(&destination)
+            }) {
+                let (key, id) = &positions[&event.tracking_id.to_string()];
+                expected.entry(key.clone()).or_default().push(*id);
+            }
+            for ids in expected.values_mut() {
+                ids.sort();
+            }
+            let arrivals: Vec<(String, i64)> = arrivals
+                .iter()
+                .map(|tracking_id| positions[tracking_id].clone())
+                .collect();
+            let duplicates = support::fleet::audit_order(destination, &arrivals, &expected);
+            println!(
+                "nemesis: {destination}: {} aggregates in id order, {duplicates} duplicates",
+                expected.len()
+            );
         }
     }
 

@@ -544,43 +544,6 @@ async fn an_instance_configured_with_another_ordering_refuses_to_start() {
     first.stop().await;
 }
 
-/// Checks one destination's arrivals: each aggregate's events arrive in id order (a
-/// re-sent earlier event may come again later; a later event never comes before an
-/// earlier one) and every one arrives. Returns how many arrivals were duplicates.
-fn audit_order(
-    destination: &str,
-    arrivals: &[(String, i64)],
-    expected: &HashMap<String, Vec<i64>>,
-) -> usize {
-    let mut arrived: HashMap<&str, usize> = HashMap::new();
-    let mut duplicates = 0;
-    for (key, id) in arrivals {
-        let ids = &expected[key];
-        let position = ids
-            .binary_search(id)
-            .unwrap_or_else(|_| panic!("{destination}: event {id} is not one of {key}'s"));
-        let have = arrived.entry(key.as_str()).or_default();
-        if position < *have {
-            duplicates += 1;
-            continue;
-        }
-        assert_eq!(
-            position, *have,
-            "{destination}: aggregate {key} received event {id} before event {}",
-            ids[*have]
-        );
-        *have += 1;
-    }
-    for (key, ids) in expected {
-        assert_eq!(
-            arrived.get(key.as_str()).copied().unwrap_or(0),
-            ids.len(),
-            "{destination}: aggregate {key} is missing events"
-        );
-    }
-    duplicates
-}
-
 /// 1,000 aggregates x 20 events from four concurrent producers (through `enqueue_many`,
 /// aggregates shuffled across transactions), two instances, a webhook failing 30% of
 /// requests at random, one instance killed with SIGKILL midway and restarted: each
@@ -710,8 +673,8 @@ async fn every_destination_receives_each_aggregate_in_id_order_through_failures_
         })
         .collect();
     let webhook = webhook_arrivals.lock().unwrap().clone();
-    let rabbit_duplicates = audit_order("rabbitmq", &rabbit, &expected);
-    let webhook_duplicates = audit_order("webhook:hook", &webhook, &expected);
+    let rabbit_duplicates = support::fleet::audit_order("rabbitmq", &rabbit, &expected);
+    let webhook_duplicates = support::fleet::audit_order("webhook:hook", &webhook, &expected);
     println!(
         "{TOTAL} events in order at both destinations in {:.1} s; duplicates: rabbitmq {rabbit_duplicates}, webhook {webhook_duplicates}",
         started.elapsed().as_secs_f64()

@@ -269,3 +269,40 @@ pub fn duplicated(broker: &TestBroker) -> Vec<Uuid> {
         .filter_map(|(id, _)| id.parse().ok())
         .collect()
 }
+
+/// Checks one destination's arrivals: each aggregate's events arrive in id order (a
+/// re-sent earlier event may come again later; a later event never comes before an
+/// earlier one) and every one arrives. Returns how many arrivals were duplicates.
+pub fn audit_order(
+    destination: &str,
+    arrivals: &[(String, i64)],
+    expected: &HashMap<String, Vec<i64>>,
+) -> usize {
+    let mut arrived: HashMap<&str, usize> = HashMap::new();
+    let mut duplicates = 0;
+    for (key, id) in arrivals {
+        let ids = &expected[key];
+        let position = ids
+            .binary_search(id)
+            .unwrap_or_else(|_| panic!("{destination}: event {id} is not one of {key}'s"));
+        let have = arrived.entry(key.as_str()).or_default();
+        if position < *have {
+            duplicates += 1;
+            continue;
+        }
+        assert_eq!(
+            position, *have,
+            "{destination}: aggregate {key} received event {id} before event {}",
+            ids[*have]
+        );
+        *have += 1;
+    }
+    for (key, ids) in expected {
+        assert_eq!(
+            arrived.get(key.as_str()).copied().unwrap_or(0),
+            ids.len(),
+            "{destination}: aggregate {key} is missing events"
+        );
+    }
+    duplicates
+}
