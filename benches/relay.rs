@@ -554,6 +554,9 @@ enum Trigger {
     OutboxdNoAggregateIndex,
     /// The same in drain mode, where the commit lock of NOTIFY does not hide it.
     OutboxdDrainNoAggregateIndex,
+    /// outboxd's trigger in drain mode without the indexes ordering reads (what the
+    /// ordered schema costs producers, by difference).
+    OutboxdDrainNoOrderingIndexes,
 }
 
 async fn set_trigger(db: &TestDb, trigger: Trigger) {
@@ -576,6 +579,12 @@ async fn set_trigger(db: &TestDb, trigger: Trigger) {
         }
         Trigger::OutboxdDrain => {
             "UPDATE outbox_mode SET mode = 'drain', drain_until = now() + interval '1 hour',
+                    holder = 'bench'"
+        }
+        Trigger::OutboxdDrainNoOrderingIndexes => {
+            "DROP INDEX outbox_unfinished_idx;
+             DROP INDEX outbox_held_idx;
+             UPDATE outbox_mode SET mode = 'drain', drain_until = now() + interval '1 hour',
                     holder = 'bench'"
         }
     };
@@ -736,6 +745,64 @@ async fn keyed_drain(n: i64, aggregates: i64, instances: usize) -> (f64, bool) {
         eprintln!("  keyed drain: {} of {n} consumed", received.len());
     }
     (n as f64 / elapsed.as_secs_f64(), complete)
+}
+
+/// Two events of one aggregate routed to RabbitMQ and a webhook that fails the first
+/// one's first `failures` requests (503; `retry.base_delay` 200 ms): how long after its
+/// commit the second event reaches RabbitMQ.
+async fn behind_a_failing_webhook(failures: usize) -> (f64, bool) {
+    use support::webhook::{Endpoint, Hit, Reply};
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let endpoint = Endpoint::start(move |hit: &Hit| {
+        if hit.json["payload"]["n"] == serde_json::json!(1) && hit.earlier_tries < failures {
+            Reply::status(503)
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
+    let mut config = config(&db, &broker);
+    config.retry.base_delay = Duration::from_millis(200);
+    config.webhooks.insert(
+        "bench".into(),
+        outboxd::config::WebhookConfig::new(
+            endpoint.url(),
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        ),
+    );
+    config.routing.routes = vec![outboxd::config::RouteConfig {
+        event_types: vec!["*".into()],
+        destinations: vec!["rabbitmq".into(), "webhook:bench".into()],
+        ordering: None,
+    }];
+    let service = support::start(config).await;
+    let client = db.client().await;
+    for n in [1, 2] {
+        let event = outboxd::NewEvent::new(
+            "order",
+            "42",
+            "order.created",
+            serde_json::json!({ "n": n }),
+        );
+        outboxd::enqueue(&client, &event).await.expect("enqueue");
+    }
+    let committed = SystemTime::now();
+    let received = broker.wait_for(2, Duration::from_secs(60)).await;
+    service.stop().await;
+    let second = received
+        .iter()
+        .find(|m| String::from_utf8_lossy(&m.body).contains("\"n\":2"));
+    match second {
+        Some(m) => (
+            m.received_at
+                .duration_since(committed)
+                .unwrap_or_default()
+                .as_secs_f64(),
+            true,
+        ),
+        None => (f64::NAN, false),
+    }
 }
 
 /// `n` events routed to one local webhook endpoint (answering 200 at once), committed
@@ -905,6 +972,10 @@ async fn run(s: &Settings) -> (Table, bool) {
             (
                 "outboxd trigger, drain mode, no aggregate index",
                 Trigger::OutboxdDrainNoAggregateIndex,
+            ),
+            (
+                "outboxd trigger, drain mode, no ordering indexes",
+                Trigger::OutboxdDrainNoOrderingIndexes,
             ),
         ] {
             let mut rates = Vec::new();
@@ -1151,6 +1222,21 @@ async fn run(s: &Settings) -> (Table, bool) {
                     "x",
                 );
             }
+        }
+        for ordered in [false, true] {
+            let delays = repeat(runs, &mut ok, || {
+                with_ordering(ordered, || behind_a_failing_webhook(2))
+            })
+            .await;
+            let mode = if ordered { "ordered" } else { "unordered" };
+            t.add(
+                format!(
+                    "{mode}: an aggregate's next event at RabbitMQ while the webhook fails the event before it twice (retry.base_delay 200 ms)"
+                ),
+                runs,
+                median(&delays) * 1000.0,
+                "ms",
+            );
         }
         let rates = repeat(runs, &mut ok, || {
             with_ordering(true, || keyed_drain(s.hot_backlog, 1, 1))

@@ -714,3 +714,83 @@ async fn instances_starting_together_agree_on_the_rule_the_first_one_records() {
         }
     }
 }
+
+/// Two producers write one aggregate at the same time, A first, B while A's transaction
+/// is still open; A commits after B tried to. Through `enqueue`, B waits for A's commit
+/// before it draws its id, so the destination receives the events in commit order.
+/// With a plain INSERT (no lock) B draws the later id but commits first: B arrives
+/// before A, which is in neither id nor commit order for a consumer that keeps the last
+/// `outbox_id` it applied (the hazard the README states).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_producers_of_one_aggregate_are_delivered_in_commit_order_through_enqueue() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let mut config = support::config(&db, &broker);
+    config.relay.ordering = Ordering::PerAggregate;
+    let service = support::start(config).await;
+    let mut a = db.client().await;
+    let mut b = db.client().await;
+    let event =
+        |key: &str, who: &str| NewEvent::new("order", key, "order.created", json!({ "who": who }));
+    let arrivals = |key: &str| -> Vec<String> {
+        broker
+            .received()
+            .iter()
+            .filter(|m| {
+                m.headers
+                    .iter()
+                    .any(|(k, v)| k == "aggregate_id" && v == key)
+            })
+            .map(|m| {
+                serde_json::from_slice::<serde_json::Value>(&m.body).unwrap()["who"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+    for round in 0..10 {
+        let key = format!("k{round}");
+        let ta = a.transaction().await.unwrap();
+        enqueue(&ta, &event(&key, "a")).await.unwrap();
+        let tb = b.transaction().await.unwrap();
+        let b_writes = async {
+            enqueue(&tb, &event(&key, "b")).await.unwrap();
+            tb.commit().await.unwrap();
+        };
+        let a_commits_later = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            ta.commit().await.unwrap();
+        };
+        tokio::join!(b_writes, a_commits_later);
+        wait_until("both events", Duration::from_secs(10), async || {
+            arrivals(&key).len() == 2
+        })
+        .await;
+        assert_eq!(
+            arrivals(&key),
+            vec!["a", "b"],
+            "round {round}: commit order"
+        );
+    }
+    // Without the lock: B's later id commits first and is delivered first.
+    let key = "plain";
+    let insert = "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                  VALUES ('order', $1, 'order.created', jsonb_build_object('who', $2::text))";
+    let ta = a.transaction().await.unwrap();
+    ta.execute(insert, &[&key, &"a"]).await.unwrap();
+    let tb = b.transaction().await.unwrap();
+    tb.execute(insert, &[&key, &"b"]).await.unwrap();
+    tb.commit().await.unwrap();
+    wait_until("b's event", Duration::from_secs(10), async || {
+        arrivals(key).len() == 1
+    })
+    .await;
+    ta.commit().await.unwrap();
+    wait_until("a's event", Duration::from_secs(10), async || {
+        arrivals(key).len() == 2
+    })
+    .await;
+    assert_eq!(arrivals(key), vec!["b", "a"]);
+    service.stop().await;
+}
