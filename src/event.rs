@@ -33,6 +33,9 @@ pub struct Claim {
     /// Events this claim held (ordering) that were free again by the time it had
     /// committed: due now, to be claimed next (id, created_at).
     pub released: Vec<(i64, std::time::SystemTime)>,
+    /// How many candidates this claim held instead of claiming (ordering): a sweep whose
+    /// batch is full of held events has not reached the end of what is due.
+    pub held: usize,
 }
 
 /// What one destination did with one event.

@@ -794,3 +794,32 @@ async fn two_producers_of_one_aggregate_are_delivered_in_commit_order_through_en
     assert_eq!(arrivals(key), vec!["b", "a"]);
     service.stop().await;
 }
+
+/// Events that arrive as a sweep request (a notification too large for its payload),
+/// each aggregate's two events side by side: the sweep's batches are half held. The
+/// sweep goes on past such batches (it took a batch with held events in it for the end
+/// of what was due, and the rest waited for the safety sweep: seen in the benchmark).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_goes_on_past_batches_of_held_events() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let mut config = support::config(&db, &broker);
+    config.relay.ordering = Ordering::PerAggregate;
+    let service = support::start(config).await;
+    support::wait_started(&service).await;
+    // Committed without the trigger's notification, then announced as "sweep".
+    db.client()
+        .await
+        .batch_execute(
+            "SET session_replication_role = replica;
+             INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             SELECT 'order', (g / 2)::text, 'order.created', jsonb_build_object('n', g)
+               FROM generate_series(0, 1999) AS g;
+             SELECT pg_notify('outbox_events', '');",
+        )
+        .await
+        .unwrap();
+    let received = broker.wait_for(2000, Duration::from_secs(20)).await;
+    assert_eq!(received.len(), 2000, "events left behind by the sweep");
+    service.stop().await;
+}

@@ -103,8 +103,18 @@ impl Relay {
                 .store
                 .claim_ids(&ids, created, lease, filter)
                 .await;
-            if result.is_err() {
-                self.inbox.put_back(ids, created);
+            match &result {
+                Err(_) => self.inbox.put_back(ids, created),
+                Ok(claim) if claim.events.len() + claim.held < ids.len() / 2 => {
+                    if self.inbox.taken_elsewhere(self.deliverer.relay.batch_size) {
+                        tracing::debug!(
+                            asked = ids.len(),
+                            claimed = claim.events.len(),
+                            "notified ids mostly taken by other instances: sweeping instead"
+                        );
+                    }
+                }
+                Ok(_) => {}
             }
             result.map(Some)
         } else {
@@ -149,10 +159,12 @@ impl Relay {
                     .await?
             }
         };
+        // Held candidates count: a batch full of them is not the end of what is due.
+        let taken = claim.events.len() + claim.held;
         let more = if sweep == Sweep::Drain {
-            !claim.events.is_empty()
+            taken > 0
         } else {
-            claim.events.len() == batch
+            taken == batch
         };
         if more {
             self.inbox.sweep_continues(sweep);

@@ -616,6 +616,7 @@ impl Store {
             lock_token: token,
             events,
             released,
+            held: held.len(),
         })
     }
 
