@@ -103,18 +103,8 @@ impl Relay {
                 .store
                 .claim_ids(&ids, created, lease, filter)
                 .await;
-            match &result {
-                Err(_) => self.inbox.put_back(ids, created),
-                Ok(claim) if claim.events.len() + claim.held < ids.len() / 2 => {
-                    if self.inbox.taken_elsewhere(self.deliverer.relay.batch_size) {
-                        tracing::debug!(
-                            asked = ids.len(),
-                            claimed = claim.events.len(),
-                            "notified ids mostly taken by other instances: sweeping instead"
-                        );
-                    }
-                }
-                Ok(_) => {}
+            if result.is_err() {
+                self.inbox.put_back(ids, created);
             }
             result.map(Some)
         } else {

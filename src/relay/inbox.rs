@@ -199,19 +199,6 @@ impl Inbox {
         }
     }
 
-    /// A claim of notified ids came back mostly empty: other instances, notified of the
-    /// same ids, took them first. With a batch or more of ids still waiting, probing them
-    /// a batch at a time would mostly find rows already taken; one sweep of the due index
-    /// finds exactly what is left (the ids included). Returns whether it switched.
-    pub fn taken_elsewhere(&mut self, batch: usize) -> bool {
-        if self.pending.len() < batch {
-            return false;
-        }
-        self.pending.clear();
-        self.request(Sweep::Requested);
-        true
-    }
-
     pub fn has_ids(&self) -> bool {
         !self.pending.is_empty()
     }
@@ -272,31 +259,6 @@ mod tests {
         assert_eq!(inbox.take_suspect(), Some(7));
         assert_eq!(inbox.take_suspect(), Some(9));
         assert_eq!(inbox.take_suspect(), None);
-    }
-
-    #[test]
-    fn ids_other_instances_took_give_way_to_one_sweep() {
-        let mut inbox = Inbox::default();
-        let mut hl = high_load();
-        inbox.absorb(
-            Wake::Heard(Notified::Ids((1..=1000).collect(), None)),
-            &mut hl,
-        );
-        let (ids, _) = inbox.take_ids(500);
-        assert_eq!(ids.len(), 500);
-        assert!(inbox.taken_elsewhere(500));
-        assert!(!inbox.has_ids());
-        assert_eq!(inbox.sweep(), Some(Sweep::Requested));
-        // Fewer than a batch left: they are claimed as ids.
-        let mut inbox = Inbox::default();
-        inbox.absorb(
-            Wake::Heard(Notified::Ids((1..=700).collect(), None)),
-            &mut hl,
-        );
-        inbox.take_ids(500);
-        assert!(!inbox.taken_elsewhere(500));
-        assert!(inbox.has_ids());
-        assert_eq!(inbox.sweep(), None);
     }
 
     #[test]
