@@ -30,9 +30,6 @@ pub struct Event {
 pub struct Claim {
     pub lock_token: Uuid,
     pub events: Vec<Event>,
-    /// Events this claim held (ordering) that were free again by the time it had
-    /// committed: due now, to be claimed next (id, created_at).
-    pub released: Vec<(i64, std::time::SystemTime)>,
     /// How many candidates this claim held instead of claiming (ordering): a sweep whose
     /// batch is full of held events has not reached the end of what is due.
     pub held: usize,

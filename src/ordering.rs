@@ -8,8 +8,9 @@
 //! letter that is neither discarded nor skipped); otherwise the claim *holds* it
 //! (PENDING with `next_attempt_at = 'infinity'`, out of every due index, so claims stay
 //! O(batch) however long an aggregate's queue). The outcome of the event before it
-//! releases it (`release_held.sql`), and the claim re-reads its holds once it has
-//! committed, so a release that raced the hold is never lost.
+//! releases it (`unhold_aggregates.sql`), and the claim re-reads its holds once it
+//! has committed and claims those that are free (`claim_held.sql`), so a release that
+//! raced the hold is never lost.
 //!
 //! Ordering is a database-wide setting: every instance runs the same claim rule, so the
 //! rule lives in `outbox_settings` and an instance configured otherwise refuses to

@@ -196,7 +196,6 @@ impl Relay {
     /// Starts one delivery task per route group of `claim`; each holds a slot of every
     /// destination it still sends to (`probe`: the claim is that destination's probe).
     fn dispatch(&mut self, claim: Claim, probe: Option<String>) {
-        self.inbox.released(&claim.released);
         if let Some(highest) = claim.events.iter().map(|e| e.id).max() {
             self.high_load.saw(highest);
         }

@@ -138,7 +138,7 @@ impl Deliverer {
     /// longer hold back their aggregates: the next held event of each is released and
     /// returned, to be claimed at once. Written after the outcomes committed, so a claim
     /// that held an event before them is seen (and one that held after them sees them:
-    /// `unhold_ids`).
+    /// `claim_held`).
     pub(super) async fn release_next(
         &self,
         events: &[Event],

@@ -36,7 +36,7 @@ const RELEASE: &str = include_str!("../../sql/release.sql");
 const NEXT_RETRY: &str = include_str!("../../sql/next_retry.sql");
 const RELEASE_CRASHED: &str = include_str!("../../sql/release_crashed.sql");
 const REAP: &str = include_str!("../../sql/reap.sql");
-const UNHOLD_IDS: &str = include_str!("../../sql/unhold_ids.sql");
+const CLAIM_HELD: &str = include_str!("../../sql/claim_held.sql");
 const UNHOLD_AGGREGATES: &str = include_str!("../../sql/unhold_aggregates.sql");
 const UNHOLD_STALE: &str = include_str!("../../sql/unhold_stale.sql");
 const STATUS: &str = include_str!("../../sql/status.sql");
@@ -479,6 +479,7 @@ impl Store {
             "claim_ids",
             CLAIM_IDS,
             token,
+            lease,
             &[
                 &ids,
                 &lease.as_secs_f64(),
@@ -512,6 +513,7 @@ impl Store {
             "claim_due",
             CLAIM_DUE,
             token,
+            lease,
             &[
                 &(limit as i64),
                 &grace.as_secs_f64(),
@@ -543,6 +545,7 @@ impl Store {
             "claim_due_retries",
             CLAIM_DUE_RETRIES,
             token,
+            lease,
             &[
                 &(limit as i64),
                 &lease.as_secs_f64(),
@@ -565,6 +568,7 @@ impl Store {
         verb: &'static str,
         sql: &str,
         token: Uuid,
+        lease: Duration,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Claim, StoreError> {
         let client = self.client().await?;
@@ -586,16 +590,15 @@ impl Store {
             }
         }
         // The claim has committed (one statement, autocommit): an outcome that
-        // committed meanwhile may have missed these holds; this read sees it.
-        let released = if held.is_empty() {
-            Vec::new()
-        } else {
+        // committed meanwhile may have missed these holds; this statement sees it, and
+        // claims what is free now into the same batch.
+        if !held.is_empty() {
             let statement = client
-                .prepare_cached(UNHOLD_IDS)
+                .prepare_cached(CLAIM_HELD)
                 .await
-                .map_err(StoreError::query("unhold_ids"))?;
+                .map_err(StoreError::query("claim_held"))?;
             let order = &self.order;
-            client
+            let freed = client
                 .query(
                     &statement,
                     &[
@@ -604,18 +607,17 @@ impl Store {
                         &order.patterns,
                         &order.ordered,
                         &order.dead_letters_block,
+                        &lease.as_secs_f64(),
+                        &token,
                     ],
                 )
                 .await
-                .map_err(StoreError::query("unhold_ids"))?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect()
-        };
+                .map_err(StoreError::query("claim_held"))?;
+            events.extend(freed.iter().map(event_from_row));
+        }
         Ok(Claim {
             lock_token: token,
             events,
-            released,
             held: held.len(),
         })
     }
