@@ -479,10 +479,15 @@ async fn a_dead_letter_holds_back_exactly_its_aggregate_until_redriven_or_discar
     wait_until(
         "the gauges after the discard",
         Duration::from_secs(5),
-        async || metrics.events_dead_letter.get() == 0 && metrics.dead_letters_blocking.get() == 0,
+        async || {
+            // The gauges are read together: c's last event may still be held, behind the
+            // one before it, at the first refresh after the discard.
+            metrics.events_dead_letter.get() == 0
+                && metrics.dead_letters_blocking.get() == 0
+                && metrics.events_held.get() == 0
+        },
     )
     .await;
-    assert_eq!(metrics.events_held.get(), 0);
     service.stop().await;
 }
 
