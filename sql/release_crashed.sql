@@ -5,7 +5,7 @@
 -- keeps it, and once it used all its attempts it is a dead letter with the crash as its
 -- reason. Fenced by the claim's lock_token (invariant 3).
 -- $1 lock_token uuid, $2 ids int8[], $3 created_at timestamptz[], $4 reason text,
--- $5 default max_attempts int4. Returns each id and its new status.
+-- $5 default max_attempts int4. Returns each id, its new status, its aggregate and type.
 UPDATE outbox AS o
    SET status = CASE WHEN cardinality($2::int8[]) = 1
                           AND o.attempts >= coalesce(o.max_attempts, $5::int4)
@@ -23,4 +23,4 @@ UPDATE outbox AS o
  WHERE o.id = t.id AND o.created_at = t.created_at
    AND o.lock_token = $1::uuid
    AND o.status = 'PROCESSING'
-RETURNING o.id, o.status
+RETURNING o.id, o.status, o.aggregate_type, o.aggregate_id, o.event_type

@@ -57,6 +57,9 @@ impl Reaper {
         if !reaped.returned.is_empty() {
             let _ = self.wakes.send(Wake::Reaped(reaped.returned.clone()));
         }
+        if let Err(error) = self.store.release_after_burial(&reaped).await {
+            tracing::warn!(%error, "could not release the aggregates of reaped dead letters; the safety sweep does");
+        }
         Ok(reaped)
     }
 }

@@ -911,3 +911,50 @@ async fn a_route_ordered_none_neither_waits_nor_is_waited_for() {
     assert_eq!(order, vec!["order.created", "order.paid"]);
     service.stop().await;
 }
+
+/// Under `skip`, an ordered event that the reaper dead-letters (its worker died on its
+/// last attempt) releases its aggregate at once: the event held behind it is delivered
+/// without waiting for a safety sweep (an hour away in this test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_the_reaper_makes_under_skip_releases_its_aggregate() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let ids: Vec<i64> = client
+        .query(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, max_attempts)
+             VALUES ('order', 'a', 'order.created', '{\"n\": 1}', 1),
+                    ('order', 'a', 'order.paid', '{\"n\": 2}', NULL)
+             RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // A worker claims the first event and dies on its only attempt; the second is held.
+    let worker = support::store(&support::config(&db, &TestBroker::new(None).await))
+        .await
+        .with_order(per_aggregate(OnDeadLetter::Skip));
+    let head = worker
+        .claim_ids(&ids, None, Duration::from_millis(300), &ALL)
+        .await
+        .unwrap();
+    assert_eq!(
+        head.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![ids[0]]
+    );
+    assert!(held(&client, ids[1]).await);
+
+    let broker = TestBroker::new(Some("#")).await;
+    let mut config = support::config(&db, &broker);
+    config.relay.ordering = Ordering::PerAggregate;
+    config.relay.ordering_dead_letters = OnDeadLetter::Skip;
+    config.relay.lease = Duration::from_secs(1);
+    let service = support::start(config).await;
+    let received = broker.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(received.len(), 1, "the held event waits for a sweep");
+    assert_eq!(received[0].event_type, "order.paid");
+    assert_eq!(db.count("DEAD_LETTER").await, 1);
+    service.stop().await;
+}

@@ -278,6 +278,9 @@ impl Relay {
                 if !released.buried.is_empty() {
                     tracing::error!(ids = ?released.buried, error = %reason, "event moved to dead letters");
                 }
+                if let Err(error) = self.deliverer.store.release_after_burial(&released).await {
+                    tracing::warn!(%error, "could not release the aggregate of a crashed event; the safety sweep does");
+                }
                 self.inbox.suspect(released.returned);
             }
             Err(error) => {

@@ -222,6 +222,8 @@ pub struct Reaped {
     pub returned: Vec<i64>,
     /// Out of attempts: DEAD_LETTER.
     pub buried: Vec<i64>,
+    /// The buried events' (aggregate_type, aggregate_id, event_type).
+    pub buried_aggregates: Vec<(String, String, String)>,
 }
 
 /// One line of `outboxd status`.
@@ -660,6 +662,23 @@ impl Store {
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
+    /// Ordering under `skip`: events the reaper or a crashed delivery dead-lettered no
+    /// longer hold back their aggregates; their next held events are released and
+    /// announced (whoever claims them). Returns how many were released.
+    pub async fn release_after_burial(&self, reaped: &Reaped) -> Result<usize, StoreError> {
+        let order = &self.order;
+        if order.dead_letters_block || !order.any() {
+            return Ok(0);
+        }
+        let aggregates: Vec<(&str, &str)> = reaped
+            .buried_aggregates
+            .iter()
+            .filter(|(_, _, event_type)| order.is_ordered(event_type))
+            .map(|(t, i, _)| (t.as_str(), i.as_str()))
+            .collect();
+        Ok(self.unhold_aggregates(&aggregates, true).await?.len())
+    }
+
     /// unhold_stale: the safety net of ordering (with the safety sweep): held events
     /// nothing holds back any more are due again and announced. Reads at most `limit`
     /// held events. Returns how many it released.
@@ -901,6 +920,9 @@ fn reaped_from(rows: Vec<tokio_postgres::Row>) -> Reaped {
             reaped.returned.push(id);
         } else {
             reaped.buried.push(id);
+            reaped
+                .buried_aggregates
+                .push((row.get(2), row.get(3), row.get(4)));
         }
     }
     reaped
