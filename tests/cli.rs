@@ -985,3 +985,92 @@ async fn a_migration_blocked_by_a_long_transaction_never_queues_producers_behind
     );
     assert_eq!(query_i64(&db, "SELECT count(*) FROM outbox").await, 11);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordering_show_and_adopt_change_the_rule_the_database_keeps() {
+    let db = TestDb::new().await;
+    let url = db.url.clone();
+    let stdout = |o: &Output| String::from_utf8_lossy(&o.stdout).into_owned();
+    let ordered = [
+        ("DATABASE_URL", url.as_str()),
+        ("OUTBOXD_RELAY_ORDERING", "per_aggregate"),
+    ];
+    let shown = outboxd(&["ordering", "show"], &ordered);
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    for words in [
+        "database:      nothing recorded yet",
+        "configuration: ordering = \"per_aggregate\", ordering_dead_letters = \"block\"",
+    ] {
+        assert!(
+            stdout(&shown).contains(words),
+            "{words:?} in {}",
+            stdout(&shown)
+        );
+    }
+
+    // A held event (as a claim leaves it) is released by the change of rule.
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, next_attempt_at)
+             VALUES ('order', '1', 'order.created', '{}', 'infinity')",
+        )
+        .await
+        .unwrap();
+    let adopted = outboxd(&["ordering", "adopt"], &ordered);
+    assert!(adopted.status.success(), "{}", stderr(&adopted));
+    assert!(stdout(&adopted).contains("the database now keeps ordering = \"per_aggregate\""));
+    assert_eq!(
+        query_i64(
+            &db,
+            "SELECT count(*) FROM outbox WHERE next_attempt_at = 'infinity'"
+        )
+        .await,
+        0
+    );
+    let again = outboxd(&["ordering", "adopt"], &ordered);
+    assert!(
+        stdout(&again).contains("already keeps"),
+        "{}",
+        stdout(&again)
+    );
+
+    // Another configuration: show says they differ; adopt is refused while an event is
+    // being delivered (a live lease: an instance is running).
+    let unordered = [("DATABASE_URL", url.as_str())];
+    let shown = outboxd(&["ordering", "show"], &unordered);
+    assert!(
+        stdout(&shown)
+            .contains("they differ: an instance with this configuration would refuse to start"),
+        "{}",
+        stdout(&shown)
+    );
+    client
+        .batch_execute(
+            "UPDATE outbox SET status = 'PROCESSING', locked_until = now() + interval '1 minute',
+                    lock_token = gen_random_uuid()",
+        )
+        .await
+        .unwrap();
+    let refused = outboxd(&["ordering", "adopt"], &unordered);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    for words in [
+        "1 events are being delivered right now",
+        "stop every outboxd instance",
+    ] {
+        assert!(
+            stderr(&refused).contains(words),
+            "{words:?} in {}",
+            stderr(&refused)
+        );
+    }
+    client
+        .batch_execute(
+            "UPDATE outbox SET status = 'PUBLISHED', locked_until = NULL, lock_token = NULL",
+        )
+        .await
+        .unwrap();
+    let adopted = outboxd(&["ordering", "adopt"], &unordered);
+    assert!(adopted.status.success(), "{}", stderr(&adopted));
+    assert!(stdout(&adopted).contains("the database now keeps ordering = \"none\""));
+}
