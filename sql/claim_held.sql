@@ -8,8 +8,9 @@
 -- read on the clock, not now(): a release that committed after this statement began
 -- set next_attempt_at to its own, later, now().
 -- Only an aggregate's lowest held event can be free (it holds back the later ones).
--- $1 ids int8[], and the order rule: $2 ordered_by_default bool, $3 patterns text[],
--- $4 ordered bool[], $5 dead_letters_block bool; $6 lease seconds float8, $7 lock_token.
+-- $1 ids int8[], $2 lease seconds float8, $3 lock_token uuid, and the order rule:
+-- $4 ordered_by_default bool, $5 patterns text[], $6 ordered bool[],
+-- $7 dead_letters_block bool.
 WITH lowest AS (
     SELECT DISTINCT ON (aggregate_type, aggregate_id)
            id, created_at, aggregate_type, aggregate_id, event_type
@@ -28,16 +29,16 @@ WITH lowest AS (
                   AND e.aggregate_id = k.aggregate_id
                   AND e.id < k.id
                   AND e.status <> 'PUBLISHED'
-                  AND (e.status <> 'DEAD_LETTER' OR ($5::bool AND e.discarded_at IS NULL))
-                  AND coalesce((SELECT r.ordered FROM unnest($3::text[], $4::bool[]) WITH ORDINALITY AS r(pattern, ordered, rank) WHERE e.event_type LIKE r.pattern ORDER BY r.rank LIMIT 1), $2::bool))
+                  AND (e.status <> 'DEAD_LETTER' OR ($7::bool AND e.discarded_at IS NULL))
+                  AND coalesce((SELECT r.ordered FROM unnest($5::text[], $6::bool[]) WITH ORDINALITY AS r(pattern, ordered, rank) WHERE e.event_type LIKE r.pattern ORDER BY r.rank LIMIT 1), $4::bool))
 )
 UPDATE outbox AS o
    SET status = 'PROCESSING',
        attempts = o.attempts + 1,
        next_attempt_at = CASE WHEN o.next_attempt_at = 'infinity' THEN now()
                               ELSE o.next_attempt_at END,
-       locked_until = now() + make_interval(secs => $6::float8),
-       lock_token = $7::uuid
+       locked_until = now() + make_interval(secs => $2::float8),
+       lock_token = $3::uuid
   FROM free
  WHERE o.id = free.id AND o.created_at = free.created_at
    AND o.status = 'PENDING'

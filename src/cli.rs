@@ -785,7 +785,7 @@ async fn ordering_command(config: &Config, command: OrderingCommand) -> Result<(
         .recorded_order_setting()
         .await
         .map_err(anyhow::Error::from)?;
-    let configured = OrderRule::describe_setting(&order.setting());
+    let configured = order.describe();
     match command {
         OrderingCommand::Show => {
             match &recorded {

@@ -164,11 +164,7 @@ pub async fn redrive(
     check_text("reason", reason)?;
     check_text("by", by)?;
     let redriven = store.redrive(ids, reason, by).await?;
-    let not_dead_letters = ids
-        .iter()
-        .copied()
-        .filter(|id| !redriven.contains(id))
-        .collect();
+    let not_dead_letters = left_alone(ids, &redriven);
     Ok(Redriven {
         redriven,
         not_dead_letters,
@@ -197,14 +193,19 @@ pub async fn discard(
         .into_iter()
         .map(|(id, _)| id)
         .collect();
-    let not_dead_letters = ids
-        .iter()
-        .copied()
-        .filter(|id| !discarded.contains(id))
-        .collect();
+    let not_dead_letters = left_alone(ids, &discarded);
     Ok(Discarded {
         discarded,
         released,
         not_dead_letters,
     })
+}
+
+/// The ids asked for that `done` does not hold (not dead letters: left alone).
+fn left_alone(asked: &[i64], done: &[i64]) -> Vec<i64> {
+    asked
+        .iter()
+        .copied()
+        .filter(|id| !done.contains(id))
+        .collect()
 }

@@ -305,40 +305,58 @@ struct RedriveRequest {
     by: Option<String>,
 }
 
+/// An action on dead letters (`redrive`, `discard`), as the API takes it: the admin
+/// token, a JSON body, a reason (`why` says what it is for) and who asks (default
+/// "api"). Worded for the API (the store's own words name the CLI's flags).
+fn dead_letter_action(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Json<RedriveRequest>, axum::extract::rejection::JsonRejection>,
+    action: &str,
+    why: &str,
+) -> Result<(RedriveRequest, String), Box<Response>> {
+    authorize(headers, &state.admin_token).map_err(|refused| Box::new(refused.into_response()))?;
+    let Json(request) = body.map_err(|rejection| {
+        Box::new(problem(
+            StatusCode::BAD_REQUEST,
+            format!("expected {{\"ids\": [..], \"reason\": \"..\", \"by\": \"..\"}}: {rejection}"),
+        ))
+    })?;
+    if request.reason.trim().is_empty() {
+        return Err(Box::new(problem(
+            StatusCode::BAD_REQUEST,
+            format!("a {action} needs a reason: \"reason\" is required ({why})"),
+        )));
+    }
+    let by = request.by.clone().unwrap_or_else(|| "api".into());
+    if by.trim().is_empty() {
+        return Err(Box::new(problem(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "\"by\" names who asks for the {action}: leave it out (it is then \"api\") or give a name"
+            ),
+        )));
+    }
+    Ok((request, by))
+}
+
 async fn redrive(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Json<RedriveRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Err(refused) = authorize(&headers, &state.admin_token) {
-        return refused.into_response();
-    }
-    let Json(request) = match body {
-        Ok(body) => body,
-        Err(rejection) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "expected {{\"ids\": [..], \"reason\": \"..\", \"by\": \"..\"}}: {rejection}"
-                ),
-            );
+    match dead_letter_action(
+        &state,
+        &headers,
+        body,
+        "redrive",
+        "what was fixed, so the event can pass now",
+    ) {
+        Ok((request, by)) => {
+            answer(dead_letters::redrive(&state.store, &request.ids, &request.reason, &by).await)
         }
-    };
-    // Worded for the API (the store's own words name the CLI's flags).
-    if request.reason.trim().is_empty() {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "a redrive needs a reason: \"reason\" is required (what was fixed, so the event can pass now)",
-        );
+        Err(refused) => *refused,
     }
-    let by = request.by.unwrap_or_else(|| "api".into());
-    if by.trim().is_empty() {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "\"by\" names who asks for the redrive: leave it out (it is then \"api\") or give a name",
-        );
-    }
-    answer(dead_letters::redrive(&state.store, &request.ids, &request.reason, &by).await)
 }
 
 /// POST /api/dead-letters/discard `{"ids": [..], "reason": "..", "by": ".."}`: gives up
@@ -348,32 +366,16 @@ async fn discard(
     headers: HeaderMap,
     body: Result<Json<RedriveRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Err(refused) = authorize(&headers, &state.admin_token) {
-        return refused.into_response();
-    }
-    let Json(request) = match body {
-        Ok(body) => body,
-        Err(rejection) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "expected {{\"ids\": [..], \"reason\": \"..\", \"by\": \"..\"}}: {rejection}"
-                ),
-            );
+    match dead_letter_action(
+        &state,
+        &headers,
+        body,
+        "discard",
+        "why the event is given up on",
+    ) {
+        Ok((request, by)) => {
+            answer(dead_letters::discard(&state.store, &request.ids, &request.reason, &by).await)
         }
-    };
-    if request.reason.trim().is_empty() {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "a discard needs a reason: \"reason\" is required (why the event is given up on)",
-        );
+        Err(refused) => *refused,
     }
-    let by = request.by.unwrap_or_else(|| "api".into());
-    if by.trim().is_empty() {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "\"by\" names who asks for the discard: leave it out (it is then \"api\") or give a name",
-        );
-    }
-    answer(dead_letters::discard(&state.store, &request.ids, &request.reason, &by).await)
 }

@@ -140,39 +140,34 @@ impl OrderRule {
         Some(rule)
     }
 
-    /// The setting in words, for error messages.
+    /// A stored setting in words, for error messages (as stored when it is not one
+    /// this outboxd reads).
     pub fn describe_setting(setting: &str) -> String {
-        let Ok(value) = serde_json::from_str::<serde_json::Value>(setting) else {
-            return setting.to_string();
-        };
-        let ordered = value["ordered_by_default"].as_bool().unwrap_or(false);
-        let block = value["dead_letters_block"].as_bool().unwrap_or(true);
-        let mut text = format!(
-            "ordering = \"{}\"",
-            if ordered { "per_aggregate" } else { "none" }
-        );
-        if ordered || setting.contains("\"ordered\":true") {
+        OrderRule::from_setting(setting).map_or_else(|| setting.to_string(), |rule| rule.describe())
+    }
+
+    /// The rule in words: the configuration keys that give it.
+    pub fn describe(&self) -> String {
+        let name = |ordered: bool| if ordered { "per_aggregate" } else { "none" };
+        let mut text = format!("ordering = \"{}\"", name(self.ordered_by_default));
+        if self.any() {
             text.push_str(&format!(
                 ", ordering_dead_letters = \"{}\"",
-                if block { "block" } else { "skip" }
+                if self.dead_letters_block {
+                    "block"
+                } else {
+                    "skip"
+                }
             ));
         }
-        if let Some(rules) = value["rules"].as_array().filter(|r| !r.is_empty()) {
-            let overrides: Vec<String> = rules
+        if !self.event_types.is_empty() {
+            let routes: Vec<String> = self
+                .event_types
                 .iter()
-                .map(|r| {
-                    format!(
-                        "{} {}",
-                        r["event_type"].as_str().unwrap_or("?"),
-                        if r["ordered"].as_bool().unwrap_or(false) {
-                            "per_aggregate"
-                        } else {
-                            "none"
-                        }
-                    )
-                })
+                .zip(&self.ordered)
+                .map(|(pattern, ordered)| format!("{pattern} {}", name(*ordered)))
                 .collect();
-            text.push_str(&format!(" with route orderings [{}]", overrides.join(", ")));
+            text.push_str(&format!(" with route orderings [{}]", routes.join(", ")));
         }
         text
     }

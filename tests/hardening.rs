@@ -4,7 +4,9 @@
 
 mod support;
 
-use outboxd::config::{RouteConfig, WebhookConfig};
+use support::route;
+
+use outboxd::config::WebhookConfig;
 use outboxd::relay::Sweep;
 use outboxd::{NewEvent, enqueue};
 use serde_json::json;
@@ -14,14 +16,6 @@ use support::{TestBroker, TestDb, start};
 use uuid::Uuid;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-
-fn route(event_types: &[&str], destinations: &[&str]) -> RouteConfig {
-    RouteConfig {
-        event_types: event_types.iter().map(|s| s.to_string()).collect(),
-        destinations: destinations.iter().map(|s| s.to_string()).collect(),
-        ordering: None,
-    }
-}
 
 fn event(event_type: &str, n: usize) -> NewEvent {
     NewEvent::new("order", n.to_string(), event_type, json!({ "n": n }))

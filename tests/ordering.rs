@@ -6,6 +6,8 @@
 
 mod support;
 
+use support::route;
+
 use outboxd::config::{Config, RouteConfig};
 use outboxd::ordering::{OnDeadLetter, OrderRule, Ordering};
 use outboxd::store::{ClaimFilter, CompleteItem, Store};
@@ -291,14 +293,6 @@ async fn a_hold_racing_the_release_of_its_aggregate_is_never_stranded() {
 }
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-
-fn route(event_types: &[&str], destinations: &[&str]) -> RouteConfig {
-    RouteConfig {
-        event_types: event_types.iter().map(|s| s.to_string()).collect(),
-        destinations: destinations.iter().map(|s| s.to_string()).collect(),
-        ordering: None,
-    }
-}
 
 /// (aggregate_id, outbox_id) of every request `endpoint` answered 2xx, in order.
 fn accepted(hits: &[Hit]) -> Vec<(String, i64)> {

@@ -5,7 +5,9 @@
 
 mod support;
 
-use outboxd::config::{RouteConfig, WebhookConfig};
+use support::route;
+
+use outboxd::config::WebhookConfig;
 use outboxd::routing::Unrouted;
 use outboxd::{Config, NewEvent, enqueue};
 use serde_json::json;
@@ -16,14 +18,6 @@ use uuid::Uuid;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const OLD_SECRET: &str = "whsec_c2VjcmV0LWJlZm9yZS1yb3RhdGlvbg==";
-
-fn route(event_types: &[&str], destinations: &[&str]) -> RouteConfig {
-    RouteConfig {
-        event_types: event_types.iter().map(|s| s.to_string()).collect(),
-        destinations: destinations.iter().map(|s| s.to_string()).collect(),
-        ordering: None,
-    }
-}
 
 fn webhook(endpoint: &Endpoint) -> WebhookConfig {
     let mut config = WebhookConfig::new(endpoint.url(), SECRET);

@@ -38,7 +38,7 @@ const RELEASE_CRASHED: &str = include_str!("../../sql/release_crashed.sql");
 const REAP: &str = include_str!("../../sql/reap.sql");
 const CLAIM_HELD: &str = include_str!("../../sql/claim_held.sql");
 const UNHOLD_AGGREGATES: &str = include_str!("../../sql/unhold_aggregates.sql");
-const UNHOLD_STALE: &str = include_str!("../../sql/unhold_stale.sql");
+const HELD_AGGREGATES: &str = include_str!("../../sql/held_aggregates.sql");
 const STATUS: &str = include_str!("../../sql/status.sql");
 const DEFAULT_PARTITION_ROWS: &str = include_str!("../../sql/default_partition_rows.sql");
 
@@ -359,7 +359,7 @@ impl Store {
         let recorded: String = row.get(0);
         if OrderRule::from_setting(&recorded).as_ref() != Some(&order) {
             return Err(StoreError::OrderingDiffers {
-                configured: OrderRule::describe_setting(&order.setting()),
+                configured: order.describe(),
                 recorded: OrderRule::describe_setting(&recorded),
                 set_by: row.get(1),
                 set_at: row.get(2),
@@ -482,7 +482,7 @@ impl Store {
             CLAIM_IDS,
             token,
             lease,
-            &[
+            &self.with_order_params(&[
                 &ids,
                 &lease.as_secs_f64(),
                 &token,
@@ -493,11 +493,7 @@ impl Store {
                 &filter.want,
                 &since,
                 &until,
-                &self.order.ordered_by_default,
-                &self.order.patterns,
-                &self.order.ordered,
-                &self.order.dead_letters_block,
-            ],
+            ]),
         )
         .await
     }
@@ -516,7 +512,7 @@ impl Store {
             CLAIM_DUE,
             token,
             lease,
-            &[
+            &self.with_order_params(&[
                 &(limit as i64),
                 &grace.as_secs_f64(),
                 &lease.as_secs_f64(),
@@ -525,11 +521,7 @@ impl Store {
                 &filter.routes,
                 &filter.avoid,
                 &filter.want,
-                &self.order.ordered_by_default,
-                &self.order.patterns,
-                &self.order.ordered,
-                &self.order.dead_letters_block,
-            ],
+            ]),
         )
         .await
     }
@@ -548,7 +540,7 @@ impl Store {
             CLAIM_DUE_RETRIES,
             token,
             lease,
-            &[
+            &self.with_order_params(&[
                 &(limit as i64),
                 &lease.as_secs_f64(),
                 &token,
@@ -556,11 +548,7 @@ impl Store {
                 &filter.routes,
                 &filter.avoid,
                 &filter.want,
-                &self.order.ordered_by_default,
-                &self.order.patterns,
-                &self.order.ordered,
-                &self.order.dead_letters_block,
-            ],
+            ]),
         )
         .await
     }
@@ -599,19 +587,11 @@ impl Store {
                 .prepare_cached(CLAIM_HELD)
                 .await
                 .map_err(StoreError::query("claim_held"))?;
-            let order = &self.order;
+            let lease = lease.as_secs_f64();
             let freed = client
                 .query(
                     &statement,
-                    &[
-                        &held,
-                        &order.ordered_by_default,
-                        &order.patterns,
-                        &order.ordered,
-                        &order.dead_letters_block,
-                        &lease.as_secs_f64(),
-                        &token,
-                    ],
+                    &self.with_order_params(&[&held, &lease, &token]),
                 )
                 .await
                 .map_err(StoreError::query("claim_held"))?;
@@ -643,19 +623,10 @@ impl Store {
             .prepare_cached(UNHOLD_AGGREGATES)
             .await
             .map_err(StoreError::query("unhold_aggregates"))?;
-        let order = &self.order;
         let rows = client
             .query(
                 &statement,
-                &[
-                    &types,
-                    &ids,
-                    &notify,
-                    &order.ordered_by_default,
-                    &order.patterns,
-                    &order.ordered,
-                    &order.dead_letters_block,
-                ],
+                &self.with_order_params(&[&types, &ids, &notify]),
             )
             .await
             .map_err(StoreError::query("unhold_aggregates"))?;
@@ -679,30 +650,44 @@ impl Store {
         Ok(self.unhold_aggregates(&aggregates, true).await?.len())
     }
 
-    /// unhold_stale: the safety net of ordering (with the safety sweep): held events
-    /// nothing holds back any more are due again and announced. Reads at most `limit`
-    /// held events. Returns how many it released.
+    /// The safety net of ordering (with the safety sweep): held events nothing holds
+    /// back any more (the event before them ended unannounced: a row deleted by hand)
+    /// are released and announced, through [`Store::unhold_aggregates`], for the
+    /// aggregates of at most `limit` held events. Returns how many it released.
     pub async fn unhold_stale(&self, limit: i64) -> Result<usize, StoreError> {
         let client = self.client().await?;
         let statement = client
-            .prepare_cached(UNHOLD_STALE)
+            .prepare_cached(HELD_AGGREGATES)
             .await
-            .map_err(StoreError::query("unhold_stale"))?;
-        let order = &self.order;
+            .map_err(StoreError::query("held_aggregates"))?;
         let rows = client
-            .query(
-                &statement,
-                &[
-                    &limit,
-                    &order.ordered_by_default,
-                    &order.patterns,
-                    &order.ordered,
-                    &order.dead_letters_block,
-                ],
-            )
+            .query(&statement, &[&limit])
             .await
-            .map_err(StoreError::query("unhold_stale"))?;
-        Ok(rows.len())
+            .map_err(StoreError::query("held_aggregates"))?;
+        drop(client);
+        let aggregates: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let aggregates: Vec<(&str, &str)> = aggregates
+            .iter()
+            .map(|(t, i)| (t.as_str(), i.as_str()))
+            .collect();
+        Ok(self.unhold_aggregates(&aggregates, true).await?.len())
+    }
+
+    /// `first`, then the order rule's four parameters (every ordering statement takes
+    /// them last: ordered_by_default, patterns, ordered, dead_letters_block).
+    fn with_order_params<'a>(
+        &'a self,
+        first: &[&'a (dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)> {
+        let order = &*self.order;
+        let mut params = first.to_vec();
+        params.extend([
+            &order.ordered_by_default as &(dyn tokio_postgres::types::ToSql + Sync),
+            &order.patterns,
+            &order.ordered,
+            &order.dead_letters_block,
+        ]);
+        params
     }
 
     /// complete: PUBLISHED. Returns the ids actually completed (fewer when fenced).

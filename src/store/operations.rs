@@ -321,15 +321,7 @@ impl Store {
         reason: &str,
         by: &str,
     ) -> Result<Vec<i64>, RedriveError> {
-        if reason.trim().is_empty() {
-            return Err(RedriveError::NoReason);
-        }
-        if by.trim().is_empty() {
-            return Err(RedriveError::NoRequester);
-        }
-        if ids.is_empty() {
-            return Err(RedriveError::NoIds);
-        }
+        refuse_incomplete(ids, reason, by, RedriveError::NoReason)?;
         let client = self.pooled().await?;
         let rows = client
             .query(REDRIVE, &[&ids, &reason.trim(), &by.trim()])
@@ -353,15 +345,7 @@ impl Store {
         reason: &str,
         by: &str,
     ) -> Result<(Vec<i64>, Vec<(String, String)>), RedriveError> {
-        if reason.trim().is_empty() {
-            return Err(RedriveError::NoDiscardReason);
-        }
-        if by.trim().is_empty() {
-            return Err(RedriveError::NoRequester);
-        }
-        if ids.is_empty() {
-            return Err(RedriveError::NoIds);
-        }
+        refuse_incomplete(ids, reason, by, RedriveError::NoDiscardReason)?;
         let client = self.pooled().await?;
         let rows = client
             .query(DISCARD, &[&ids, &reason.trim(), &by.trim()])
@@ -379,6 +363,26 @@ impl Store {
             rows.iter().map(|r| (r.get(1), r.get(2))).collect(),
         ))
     }
+}
+
+/// A redrive or discard names ids, gives a reason (`no_reason` when it does not) and
+/// says who asks; refused before anything is read otherwise.
+fn refuse_incomplete(
+    ids: &[i64],
+    reason: &str,
+    by: &str,
+    no_reason: RedriveError,
+) -> Result<(), RedriveError> {
+    if reason.trim().is_empty() {
+        return Err(no_reason);
+    }
+    if by.trim().is_empty() {
+        return Err(RedriveError::NoRequester);
+    }
+    if ids.is_empty() {
+        return Err(RedriveError::NoIds);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

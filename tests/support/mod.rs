@@ -563,3 +563,13 @@ pub async fn wait_started(service: &outboxd::Outboxd) {
 pub async fn store(config: &Config) -> Store {
     Store::connect(&config.database).await.unwrap()
 }
+
+/// A routing rule: these event type patterns to these destinations, ordering as
+/// `relay.ordering` says.
+pub fn route(event_types: &[&str], destinations: &[&str]) -> outboxd::config::RouteConfig {
+    outboxd::config::RouteConfig {
+        event_types: event_types.iter().map(|s| s.to_string()).collect(),
+        destinations: destinations.iter().map(|s| s.to_string()).collect(),
+        ordering: None,
+    }
+}
