@@ -87,6 +87,12 @@ pub struct ListenerConfig {
     /// connection is noticed.
     #[serde(with = "duration_text")]
     pub ping_interval: Duration,
+    /// While other instances share the database, this instance renews its membership
+    /// and reads who else is live this often (alone: every `ping_interval`). A member
+    /// that stopped renewing for four intervals is dropped and its share of the
+    /// notified events taken over; one whose process died is dropped at once.
+    #[serde(with = "duration_text")]
+    pub heartbeat_interval: Duration,
     /// TCP keepalive idle time on the listener's connection (the OS default is 2 h).
     #[serde(with = "duration_text")]
     pub keepalive_idle: Duration,
@@ -189,6 +195,7 @@ impl Default for ListenerConfig {
     fn default() -> Self {
         Self {
             ping_interval: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(2),
             keepalive_idle: Duration::from_secs(5),
             reconnect_min_delay: Duration::from_millis(100),
             reconnect_max_delay: Duration::from_secs(5),
@@ -306,6 +313,7 @@ impl Config {
         let l = &self.listener;
         let at = |key| Setting::at("listener", key);
         at("ping_interval").positive(l.ping_interval)?;
+        at("heartbeat_interval").positive(l.heartbeat_interval)?;
         at("keepalive_idle").positive(l.keepalive_idle)?;
         backoff_bounds("listener", l.reconnect_min_delay, l.reconnect_max_delay)?;
 

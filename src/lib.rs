@@ -16,6 +16,7 @@ pub mod high_load;
 pub mod http;
 pub mod listener;
 pub mod maintenance;
+pub mod membership;
 pub mod metrics;
 pub mod notification;
 pub mod ordering;

@@ -69,6 +69,8 @@ pub struct Metrics {
     pub destination_latency: HistogramVec,
     pub webhook_responses: IntCounterVec,
     pub listener_connected: IntGauge,
+    pub instances: IntGauge,
+    pub shards_owned: IntGauge,
     pub notifications: IntCounter,
     pub malformed_notifications: IntCounter,
     pub fenced_outcomes: IntCounter,
@@ -146,6 +148,16 @@ impl Metrics {
         let listener_connected = IntGauge::new(
             "outbox_listener_connected",
             "1 while the LISTEN connection is up, 0 while it reconnects.",
+        )
+        .expect("metric");
+        let instances = IntGauge::new(
+            "outbox_instances",
+            "Live outboxd instances on this database (listening, heartbeat current), as this instance last read them; they divide the notified events among them.",
+        )
+        .expect("metric");
+        let shards_owned = IntGauge::new(
+            "outbox_shards_owned",
+            "Shards of the notified event ids this instance claims (of 256; all of them while alone).",
         )
         .expect("metric");
         let notifications = IntCounter::new(
@@ -263,6 +275,8 @@ impl Metrics {
             Box::new(destination_latency.clone()),
             Box::new(webhook_responses.clone()),
             Box::new(listener_connected.clone()),
+            Box::new(instances.clone()),
+            Box::new(shards_owned.clone()),
             Box::new(notifications.clone()),
             Box::new(malformed_notifications.clone()),
             Box::new(fenced_outcomes.clone()),
@@ -307,6 +321,8 @@ impl Metrics {
             destination_latency,
             webhook_responses,
             listener_connected,
+            instances,
+            shards_owned,
             notifications,
             malformed_notifications,
             fenced_outcomes,

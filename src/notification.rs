@@ -2,7 +2,8 @@
 //! ranges (`"17-5016"`, `"17,19-21"`), optionally followed by the statement's
 //! `created_at` bounds in epoch seconds (`"17-5016@1764583200-1764583201"`, so the claim
 //! reads only the partitions they fall in), or empty for "sweep: too many ids to list";
-//! `"drain"` and `"notify"` announce a switch of high-load mode.
+//! `"drain"` and `"notify"` announce a switch of high-load mode; `"members"` asks every
+//! instance to read the live instances again (one joined or left).
 //! Anyone may NOTIFY this channel, so a payload is parsed defensively: a malformed one is
 //! reported and answered with a sweep, never a crash.
 
@@ -18,6 +19,8 @@ pub enum Notified {
     Drain,
     /// An instance left drain mode: leave it too, race-free.
     Notify,
+    /// An instance joined or left: read the members again, to divide the ids anew.
+    Members,
 }
 
 /// When the events of a notification were created: whole epoch seconds, `since`
@@ -48,6 +51,7 @@ pub fn parse_payload(payload: &str) -> Result<Notified, String> {
         "" => return Ok(Notified::Sweep),
         "drain" => return Ok(Notified::Drain),
         "notify" => return Ok(Notified::Notify),
+        "members" => return Ok(Notified::Members),
         _ => {}
     }
     let (ranges, created) = match payload.split_once('@') {
@@ -103,6 +107,7 @@ mod tests {
 
     #[test]
     fn payloads_parse_into_ids() {
+        assert_eq!(parse_payload("members"), Ok(Notified::Members));
         let cases: &[(&str, Notified)] = &[
             ("", Notified::Sweep),
             ("7", Notified::Ids(vec![7], None)),

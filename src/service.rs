@@ -43,9 +43,12 @@ impl Outboxd {
         config.validate()?;
         let metrics = Metrics::new();
         let order = config.order_rule().map_err(StartError::Destination)?;
+        // This instance's name: in outbox_mode.holder, outbox_settings and
+        // outbox_instances.
+        let name = instance_name();
         let store = Store::connect(&config.database)
             .await?
-            .adopt_order(order, &instance_name())
+            .adopt_order(order, &name)
             .await?;
         let http = if config.http.listen.is_empty() {
             None
@@ -109,7 +112,7 @@ impl Outboxd {
         )
         .with_high_load(HighLoad::new(
             config.high_load.clone(),
-            instance_name(),
+            name.clone(),
             metrics.clone(),
         ));
         tasks.spawn(relay.run(shutdown.clone()));
@@ -123,7 +126,7 @@ impl Outboxd {
         tasks.spawn(reaper.run(shutdown.clone()));
         tasks.spawn(keeper.run(shutdown.clone()));
         tasks.spawn(gauges.run(shutdown.clone()));
-        let listener = Listener::new(&config, wakes_tx, metrics.clone());
+        let listener = Listener::new(&config, name, wakes_tx, metrics.clone());
         tasks.spawn(listener.run(shutdown.clone()));
         if let Some(http) = http {
             let state = AppState {
@@ -179,8 +182,8 @@ impl Outboxd {
     }
 }
 
-/// This instance as `outbox_mode.holder` records it: host, process id and a random part
-/// (several instances may share a process in tests).
+/// This instance's name: host, process id and a random part (several instances may
+/// share a process in tests).
 fn instance_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()

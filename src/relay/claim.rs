@@ -143,7 +143,11 @@ impl Relay {
                     .claim_due(batch, d.relay.safety_sweep_grace, d.relay.lease, filter)
                     .await?
             }
-            Sweep::Drain | Sweep::Requested | Sweep::Reconnect | Sweep::Resumed => {
+            Sweep::Drain
+            | Sweep::Requested
+            | Sweep::Reconnect
+            | Sweep::Resumed
+            | Sweep::Rebalanced => {
                 d.store
                     .claim_due(batch, Duration::ZERO, d.relay.lease, filter)
                     .await?

@@ -5,6 +5,7 @@
 //! claim, so under load claims are large and back to back.
 
 use crate::high_load::HighLoad;
+use crate::membership::Shares;
 use crate::notification::{Created, Notified};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -23,6 +24,9 @@ pub enum Wake {
     Reaped(Vec<i64>),
     /// LISTEN is (again) in place: claim everything committed while nobody listened.
     Reconnected,
+    /// The shards of notified ids this instance claims, from the live instances the
+    /// listener just read (src/membership.rs).
+    Shares(Shares),
 }
 
 /// What a claim without ids is for.
@@ -41,6 +45,9 @@ pub enum Sweep {
     /// A destination claims had left out (saturated or parked) takes events again:
     /// what they left behind.
     Resumed,
+    /// This instance gained shards (another left or stopped renewing): ids of them
+    /// heard before may have been left to nobody.
+    Rebalanced,
 }
 
 impl Sweep {
@@ -57,6 +64,7 @@ impl Sweep {
             Sweep::Requested => "requested",
             Sweep::Reconnect => "reconnect",
             Sweep::Resumed => "resumed",
+            Sweep::Rebalanced => "rebalanced",
         }
     }
 
@@ -69,7 +77,11 @@ impl Sweep {
     /// retry sweep (due retries) look for; those two find only their own.
     fn covers(self, other: Sweep) -> bool {
         match self {
-            Sweep::Drain | Sweep::Requested | Sweep::Reconnect | Sweep::Resumed => true,
+            Sweep::Drain
+            | Sweep::Requested
+            | Sweep::Reconnect
+            | Sweep::Resumed
+            | Sweep::Rebalanced => true,
             Sweep::Safety | Sweep::Retry => self == other,
         }
     }
@@ -87,6 +99,9 @@ pub struct Inbox {
     sweeps: VecDeque<Sweep>,
     /// When retries this instance scheduled fall due (rounded up to 10 ms slots).
     retry_at: BTreeSet<Instant>,
+    /// The notified ids that are this instance's to claim; the others' owners claim
+    /// the rest.
+    shares: Shares,
 }
 
 impl Inbox {
@@ -125,7 +140,7 @@ impl Inbox {
                 if let Some(highest) = ids.iter().max() {
                     high_load.saw(*highest);
                 }
-                for id in ids {
+                for id in ids.into_iter().filter(|id| self.shares.owns(*id)) {
                     let known = self.pending.entry(id).or_insert(created);
                     *known = match (*known, created) {
                         (Some(a), Some(b)) => Some(a.merge(b)),
@@ -140,9 +155,20 @@ impl Inbox {
             Wake::Heard(Notified::Sweep) => self.request(Sweep::Requested),
             Wake::Heard(Notified::Drain) => high_load.heard_drain(),
             Wake::Heard(Notified::Notify) => high_load.heard_notify(),
+            // The listener reads the members itself; nothing for the relay.
+            Wake::Heard(Notified::Members) => {}
             Wake::Reconnected => {
                 self.request(Sweep::Reconnect);
                 high_load.reconnected();
+            }
+            Wake::Shares(shares) => {
+                // Ids already taken in stay: claiming one another instance owns now is
+                // harmless (SKIP LOCKED). Ids of a gained shard heard before the gain
+                // were committed before this sweep begins, so it finds them.
+                if shares.gained_over(&self.shares) {
+                    self.request(Sweep::Rebalanced);
+                }
+                self.shares = shares;
             }
         }
     }
@@ -307,6 +333,28 @@ mod tests {
         inbox.request(Sweep::Retry);
         inbox.sweep_done(Sweep::Reconnect);
         assert_eq!(inbox.sweep(), None);
+    }
+
+    #[test]
+    fn only_ids_of_owned_shards_are_taken_and_a_gained_shard_is_swept() {
+        use crate::membership::{BLOCK, Shares};
+        let mut inbox = Inbox::default();
+        let mut hl = high_load();
+        let members = vec!["a".to_string(), "b".to_string()];
+        let mine = Shares::of("a", &members);
+        let ids: Vec<i64> = (0..BLOCK * 8).collect();
+        inbox.absorb(Wake::Shares(mine.clone()), &mut hl);
+        assert_eq!(inbox.sweep(), None, "losing shards needs no sweep");
+        inbox.absorb(Wake::Heard(Notified::Ids(ids.clone(), None)), &mut hl);
+        let (taken, _) = inbox.take_ids(usize::MAX);
+        let expected: Vec<i64> = ids.iter().copied().filter(|id| mine.owns(*id)).collect();
+        assert!(!expected.is_empty() && expected.len() < ids.len());
+        assert_eq!(taken, expected);
+        // "b" left: "a" owns everything again, and sweeps for what nobody took.
+        inbox.absorb(Wake::Shares(Shares::of("a", &members[..1])), &mut hl);
+        assert_eq!(inbox.sweep(), Some(Sweep::Rebalanced));
+        inbox.absorb(Wake::Heard(Notified::Ids(ids.clone(), None)), &mut hl);
+        assert_eq!(inbox.take_ids(usize::MAX).0, ids);
     }
 
     #[test]

@@ -15,6 +15,8 @@ use tokio_postgres::AsyncMessage;
 /// A connection that is listening on one channel.
 pub struct Listening {
     client: tokio_postgres::Client,
+    /// The heartbeat statement, prepared on first use.
+    heartbeat: tokio::sync::OnceCell<tokio_postgres::Statement>,
     notes: mpsc::UnboundedReceiver<Result<String, String>>,
     _driver: AbortOnDrop,
 }
@@ -63,6 +65,7 @@ impl Listening {
         });
         let listening = Listening {
             client,
+            heartbeat: tokio::sync::OnceCell::new(),
             notes,
             _driver: AbortOnDrop(driver),
         };
@@ -84,13 +87,63 @@ impl Listening {
             None => Err("connection task ended".into()),
         }
     }
+}
 
-    /// One empty statement, answered within `timeout`, or the connection is lost.
-    pub async fn ping(&self, timeout: Duration) -> Result<(), String> {
-        match tokio::time::timeout(timeout, self.client.simple_query("")).await {
+/// Why a heartbeat did not read the members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeartbeatError {
+    /// The connection is lost (or the server did not answer in time): reconnect.
+    Lost(String),
+    /// The server answered with an error (e.g. no right to write `outbox_instances`):
+    /// the connection is fine, the division of work is not available.
+    Refused(String),
+}
+
+const HEARTBEAT: &str = include_str!("../../sql/heartbeat.sql");
+const LEAVE: &str = include_str!("../../sql/leave.sql");
+
+impl Listening {
+    /// heartbeat: renews this instance's membership (joins when its row is missing, and
+    /// then every instance is told to read the members again) and returns the live
+    /// members' names, this one first. Answered within `timeout`, or the connection
+    /// counts as lost: it doubles as the listener's ping.
+    pub async fn heartbeat(
+        &self,
+        name: &str,
+        ttl: Duration,
+        timeout: Duration,
+    ) -> Result<Vec<String>, HeartbeatError> {
+        let ttl = ttl.as_secs_f64();
+        let read = async {
+            let statement = self
+                .heartbeat
+                .get_or_try_init(|| self.client.prepare(HEARTBEAT))
+                .await?;
+            self.client.query(statement, &[&name, &ttl]).await
+        };
+        match tokio::time::timeout(timeout, read).await {
+            Ok(Ok(rows)) => Ok(rows.iter().map(|row| row.get(0)).collect()),
+            Ok(Err(error)) if error.as_db_error().is_some() => Err(HeartbeatError::Refused(
+                format!("heartbeat failed: {}", error_text(&error)),
+            )),
+            Ok(Err(error)) => Err(HeartbeatError::Lost(format!(
+                "heartbeat failed: {}",
+                error_text(&error)
+            ))),
+            Err(_) => Err(HeartbeatError::Lost(
+                "heartbeat timed out (half-open connection?)".into(),
+            )),
+        }
+    }
+
+    /// leave: this instance's membership ends and the others are told, so they take its
+    /// share over at once. Best effort within `timeout` (a member that cannot say so
+    /// is dropped when its listener backend is gone or its heartbeat expires).
+    pub async fn leave(&self, name: &str, timeout: Duration) -> Result<(), String> {
+        match tokio::time::timeout(timeout, self.client.query(LEAVE, &[&name])).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("ping failed: {}", error_text(&e))),
-            Err(_) => Err("ping timed out (half-open connection?)".into()),
+            Ok(Err(error)) => Err(format!("leave failed: {}", error_text(&error))),
+            Err(_) => Err("leave timed out".into()),
         }
     }
 }

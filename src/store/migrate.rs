@@ -98,6 +98,13 @@ pub const MIGRATIONS: &[Migration] = &[
         adds: "table outbox_settings, column outbox.discarded_at, indexes outbox_unfinished_idx and outbox_held_idx",
         sql: include_str!("../../migrations/0010_ordering.sql"),
     },
+    Migration {
+        version: 11,
+        name: "instances",
+        present: "to_regclass('outbox_instances') IS NOT NULL",
+        adds: "table outbox_instances",
+        sql: include_str!("../../migrations/0011_instances.sql"),
+    },
 ];
 
 /// Indexes of the partitioned outbox that migrations create on the parent alone and

@@ -97,6 +97,25 @@ impl Instance {
         self.child.wait().unwrap();
     }
 
+    /// SIGSTOP: the process stalls with every connection open (a long GC pause, a
+    /// frozen VM); `resume` lets it go on where it was.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {signal} failed");
+    }
+
     /// SIGTERM, then the exit code once it stopped.
     pub async fn terminate(&mut self) -> Option<i32> {
         let sent = Command::new("kill")

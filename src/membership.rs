@@ -1,0 +1,244 @@
+//! Dividing the notified events among the instances that share a database.
+//!
+//! Every instance's listener hears every notification. Without a division each instance
+//! would try to claim every notified id, and all but one of those claims would find the
+//! event taken: with four instances, four claim statements per batch instead of one.
+//! So the ids are cut into blocks of [`BLOCK`] consecutive ids, the blocks into
+//! [`SHARDS`] shards, and each shard belongs to one live instance by rendezvous hashing
+//! over the instances' names: every instance computes the same owner for a shard from
+//! the same list of members, and a member joining or leaving moves only the shards it
+//! takes or gives up.
+//!
+//! The division is a hint, never a lock: claims stay fenced by `FOR UPDATE SKIP LOCKED`
+//! and `lock_token`, so two instances that disagree for a moment only both try an
+//! event. No id is left unclaimed: an instance that gains shards sweeps every due event
+//! after it starts taking their ids, so an id heard before the gain (by an instance that
+//! no longer owned it, or by nobody) was committed before that sweep began and is
+//! claimed by it. This file is pure; the listener keeps the membership
+//! (`sql/heartbeat.sql`) and the relay's inbox applies the division.
+
+/// Consecutive ids that belong to the same shard: one INSERT's ids go to few instances,
+/// in runs, so a claim reads neighbouring rows.
+pub const BLOCK: i64 = 64;
+
+/// How many shards the blocks are dealt into.
+pub const SHARDS: usize = 256;
+
+/// The shard of an event id.
+pub fn shard_of(id: i64) -> usize {
+    id.div_euclid(BLOCK).rem_euclid(SHARDS as i64) as usize
+}
+
+/// The shards one instance claims notified ids of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shares {
+    owned: [u64; SHARDS / 64],
+    members: usize,
+}
+
+impl Default for Shares {
+    /// Every shard: an instance alone, or one that has not read the members yet.
+    fn default() -> Self {
+        Shares {
+            owned: [u64::MAX; SHARDS / 64],
+            members: 1,
+        }
+    }
+}
+
+impl Shares {
+    /// The shards `me` owns among `members` (live instances' names; `me` counts whether
+    /// it is listed or not).
+    pub fn of(me: &str, members: &[String]) -> Shares {
+        let mut others: Vec<&str> = members
+            .iter()
+            .map(String::as_str)
+            .filter(|m| *m != me)
+            .collect();
+        others.sort_unstable();
+        others.dedup();
+        let mut owned = [0u64; SHARDS / 64];
+        for shard in 0..SHARDS {
+            let mine = weight(me, shard);
+            let taken = others.iter().any(|other| {
+                let theirs = weight(other, shard);
+                // Equal weights (practically never): the smaller name wins.
+                theirs > mine || (theirs == mine && *other < me)
+            });
+            if !taken {
+                owned[shard / 64] |= 1 << (shard % 64);
+            }
+        }
+        Shares {
+            owned,
+            members: others.len() + 1,
+        }
+    }
+
+    /// Whether this instance claims `id` when it is notified.
+    pub fn owns(&self, id: i64) -> bool {
+        self.owns_shard(shard_of(id))
+    }
+
+    pub fn owns_shard(&self, shard: usize) -> bool {
+        self.owned[shard / 64] & (1 << (shard % 64)) != 0
+    }
+
+    /// Whether these shares hold a shard that `before` did not: the ids of that shard
+    /// heard until now may have been left to nobody, so a sweep is due.
+    pub fn gained_over(&self, before: &Shares) -> bool {
+        self.owned
+            .iter()
+            .zip(before.owned.iter())
+            .any(|(now, then)| now & !then != 0)
+    }
+
+    /// How many shards are owned.
+    pub fn count(&self) -> usize {
+        self.owned.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// How many live instances the division was made among.
+    pub fn members(&self) -> usize {
+        self.members
+    }
+}
+
+/// A member's rendezvous weight for a shard: a fixed function (FNV-1a of the name, mixed
+/// with the shard by SplitMix64), the same in every version and on every machine, since
+/// instances of different versions must agree on owners.
+fn weight(member: &str, shard: usize) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in member.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut z = hash ^ (shard as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| format!("host-{i}/4{i}1/a{i}b{i}c{i}d"))
+            .collect()
+    }
+
+    #[test]
+    fn one_instance_owns_every_shard() {
+        let shares = Shares::of("alone", &["alone".to_string()]);
+        assert_eq!(shares.count(), SHARDS);
+        assert_eq!(shares, Shares::default());
+        assert_eq!(
+            Shares::of("alone", &[]).count(),
+            SHARDS,
+            "me counts unlisted"
+        );
+    }
+
+    #[test]
+    fn every_shard_has_exactly_one_owner_and_shares_are_even() {
+        for n in 1..=8 {
+            let members = names(n);
+            let all: Vec<Shares> = members.iter().map(|m| Shares::of(m, &members)).collect();
+            for shard in 0..SHARDS {
+                let owners = all.iter().filter(|s| s.owns_shard(shard)).count();
+                assert_eq!(owners, 1, "{n} members: shard {shard} has {owners} owners");
+            }
+            for (member, shares) in members.iter().zip(&all) {
+                let fair = SHARDS / n;
+                assert!(
+                    shares.count() >= fair / 2 && shares.count() <= fair * 3 / 2 + 1,
+                    "{n} members: {member} owns {} shards (fair: {fair})",
+                    shares.count()
+                );
+                assert_eq!(shares.members(), n);
+            }
+        }
+    }
+
+    #[test]
+    fn a_joining_instance_takes_shards_only_from_the_others_and_gives_none() {
+        let before = names(3);
+        let mut after = before.clone();
+        after.push("newcomer".into());
+        for member in &before {
+            let old = Shares::of(member, &before);
+            let new = Shares::of(member, &after);
+            assert!(
+                !new.gained_over(&old),
+                "{member} gained a shard when one joined"
+            );
+        }
+        let newcomer = Shares::of("newcomer", &after);
+        assert!(newcomer.count() > 0);
+        // What the newcomer owns, exactly one old member gave up.
+        for shard in (0..SHARDS).filter(|s| newcomer.owns_shard(*s)) {
+            let gave = before
+                .iter()
+                .filter(|m| {
+                    Shares::of(m, &before).owns_shard(shard)
+                        && !Shares::of(m, &after).owns_shard(shard)
+                })
+                .count();
+            assert_eq!(gave, 1);
+        }
+    }
+
+    #[test]
+    fn a_leaving_instance_s_shards_go_to_the_others_and_nothing_else_moves() {
+        let before = names(4);
+        let after: Vec<String> = before[1..].to_vec();
+        let left = Shares::of(&before[0], &before);
+        for member in &after {
+            let old = Shares::of(member, &before);
+            let new = Shares::of(member, &after);
+            for shard in 0..SHARDS {
+                if old.owns_shard(shard) {
+                    assert!(new.owns_shard(shard), "{member} lost shard {shard}");
+                } else if new.owns_shard(shard) {
+                    assert!(
+                        left.owns_shard(shard),
+                        "{member} took a live member's shard"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ids_go_in_blocks_of_consecutive_ids() {
+        assert_eq!(shard_of(0), 0);
+        assert_eq!(shard_of(BLOCK - 1), 0);
+        assert_eq!(shard_of(BLOCK), 1);
+        assert_eq!(shard_of(BLOCK * SHARDS as i64), 0);
+        assert_eq!(shard_of(-1), SHARDS - 1, "never out of range");
+        let members = names(2);
+        let shares = Shares::of(&members[0], &members);
+        let start = 1_000 * BLOCK;
+        let first = shares.owns(start);
+        assert!((start..start + BLOCK).all(|id| shares.owns(id) == first));
+    }
+
+    #[test]
+    fn the_division_is_the_same_in_every_version() {
+        // Instances of different versions must agree: these owners may never change.
+        let members = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        let owner = |shard: usize| {
+            members
+                .iter()
+                .find(|m| Shares::of(m, &members).owns_shard(shard))
+                .unwrap()
+                .clone()
+        };
+        let got: String = (0..16).map(owner).collect();
+        assert_eq!(got, GOLDEN);
+    }
+
+    const GOLDEN: &str = "cccaabacbbbcacab";
+}

@@ -1,0 +1,250 @@
+//! Instances that share a database divide the notified events instead of each trying
+//! to claim every one (src/membership.rs): a notified event is claimed by the owner of
+//! its shard alone; a member that stalls is dropped once its heartbeat lapses and one
+//! that dies at the next heartbeat of another, which then sweeps what it gained, so
+//! nothing waits for the safety sweep (off in these tests); a member that wakes joins
+//! again.
+
+mod support;
+
+use outboxd::membership::{BLOCK, SHARDS, Shares};
+use outboxd::{NewEvent, enqueue};
+use std::time::{Duration, Instant};
+use support::fleet::Instance;
+use support::proxy::CountingProxy;
+use support::{TestBroker, TestDb};
+
+/// A gauge's value on an instance's `/metrics`.
+async fn gauge(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let (_, metrics) = support::http_get(addr, "/metrics").await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+async fn wait_for_gauge(instance: &Instance, name: &str, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if gauge(instance.http_addr(), name).await == Some(value) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never reached {value}:\n{}",
+            instance.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_published(db: &TestDb, n: i64, within: Duration) -> Duration {
+    let started = Instant::now();
+    while db.count("PUBLISHED").await < n {
+        assert!(
+            started.elapsed() < within,
+            "{} of {n} published after {within:?}; PENDING: {}",
+            db.count("PUBLISHED").await,
+            db.count("PENDING").await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    started.elapsed()
+}
+
+/// `n` events in one statement: one notification, ids over n / 64 blocks.
+async fn insert(db: &TestDb, n: i64) {
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             SELECT 'order', g::text, 'order.created', '{}' FROM generate_series(1, $1::int8) AS g",
+            &[&n],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notified_event_is_claimed_by_its_shard_s_owner_alone() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    // Each instance talks to PostgreSQL through a proxy of its own that counts its
+    // statements.
+    let mut proxies = Vec::new();
+    let mut services = Vec::new();
+    for _ in 0..3 {
+        let proxy = CountingProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+        let mut config = support::config(&db, &broker);
+        config.database.url = proxy.url(&db.name);
+        services.push(support::start(config).await);
+        proxies.push(proxy);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while services.iter().any(|s| s.metrics().instances.get() != 3) {
+        assert!(
+            Instant::now() < deadline,
+            "the instances never saw each other"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let owned: Vec<i64> = services
+        .iter()
+        .map(|s| s.metrics().shards_owned.get())
+        .collect();
+    assert_eq!(owned.iter().sum::<i64>(), SHARDS as i64, "{owned:?}");
+    assert!(owned.iter().all(|n| *n > 0), "{owned:?}");
+    for service in &services {
+        support::wait_started(service).await;
+    }
+
+    // The next ids fall in one block, owned by one of the three.
+    let client = db.client().await;
+    let members: Vec<String> = client
+        .query("SELECT name FROM outbox_instances", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(members.len(), 3, "{members:?}");
+    let shares = Shares::of(&members[0], &members);
+    let shard = (0..SHARDS).find(|s| shares.owns_shard(*s)).unwrap() as i64;
+    let first = (1_000 * SHARDS as i64 + shard) * BLOCK;
+    client
+        .execute("SELECT setval('outbox_id_seq', $1, false)", &[&first])
+        .await
+        .unwrap();
+    let before: Vec<u64> = proxies.iter().map(|p| p.statements()).collect();
+    for n in 0..40 {
+        enqueue(
+            &client,
+            &NewEvent::new(
+                "order",
+                n.to_string(),
+                "order.created",
+                serde_json::json!({}),
+            ),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(broker.wait_for(40, Duration::from_secs(20)).await.len(), 40);
+    let mut sent: Vec<u64> = proxies
+        .iter()
+        .zip(&before)
+        .map(|(p, b)| p.statements() - b)
+        .collect();
+    sent.sort_unstable();
+    println!("statements per instance while 40 events were delivered: {sent:?}");
+    // The owner claimed and completed them; the other two sent only their timers'
+    // statements (a heartbeat every 2 s, perhaps a gauge refresh), no claim.
+    assert!(sent[2] >= 2, "{sent:?}");
+    assert!(sent[0] <= 6 && sent[1] <= 6, "{sent:?}");
+    for service in services {
+        service.stop().await;
+    }
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM outbox_instances", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "each instance leaves when it stops");
+}
+
+const NO_SAFETY_SWEEP: (&str, &str) = ("OUTBOXD_RELAY_SAFETY_SWEEP_INTERVAL", "1h");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_instance_s_share_is_taken_over_when_its_heartbeat_lapses_and_it_rejoins_on_waking()
+ {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let env = [
+        NO_SAFETY_SWEEP,
+        ("OUTBOXD_LISTENER_HEARTBEAT_INTERVAL", "1s"),
+    ];
+    let survivor = Instance::start(&db.url, &broker, &env);
+    survivor.wait_running().await;
+    let stalled = Instance::start(&db.url, &broker, &env);
+    stalled.wait_running().await;
+    wait_for_gauge(&survivor, "outbox_instances", 2.0).await;
+    wait_for_gauge(&stalled, "outbox_instances", 2.0).await;
+
+    stalled.pause();
+    let paused_at = Instant::now();
+    insert(&db, 1_280).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // The stalled instance's heartbeat lapses 5 s after its last beat, at least 4 s
+    // after the pause: until then its share waits, the survivor's is delivered.
+    let (published, pending) = (db.count("PUBLISHED").await, db.count("PENDING").await);
+    assert!(
+        paused_at.elapsed() < Duration::from_secs(4),
+        "the check came too late"
+    );
+    assert!(
+        published > 0 && pending > 0,
+        "the survivor claims its own share only: {published} published, {pending} pending"
+    );
+    let took = wait_published(&db, 1_280, Duration::from_secs(30)).await;
+    println!("the stalled instance's share delivered {took:?} after the check");
+    wait_for_gauge(&survivor, "outbox_instances", 1.0).await;
+    wait_for_gauge(&survivor, "outbox_shards_owned", SHARDS as f64).await;
+
+    // Woken, it joins again and takes its share back.
+    stalled.resume();
+    wait_for_gauge(&survivor, "outbox_instances", 2.0).await;
+    wait_for_gauge(&stalled, "outbox_instances", 2.0).await;
+    let owned = gauge(survivor.http_addr(), "outbox_shards_owned")
+        .await
+        .unwrap()
+        + gauge(stalled.http_addr(), "outbox_shards_owned")
+            .await
+            .unwrap();
+    assert_eq!(owned, SHARDS as f64);
+    insert(&db, 1_280).await;
+    wait_published(&db, 2_560, Duration::from_secs(30)).await;
+    assert_eq!(
+        broker.wait_for(2_560, Duration::from_secs(30)).await.len(),
+        2_560
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_instance_s_share_is_taken_over_before_its_heartbeat_could_lapse() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    // A heartbeat every 3 s: a member lapses 15 s after its last beat.
+    let env = [
+        NO_SAFETY_SWEEP,
+        ("OUTBOXD_LISTENER_HEARTBEAT_INTERVAL", "3s"),
+    ];
+    let survivor = Instance::start(&db.url, &broker, &env);
+    survivor.wait_running().await;
+    let mut doomed = Instance::start(&db.url, &broker, &env);
+    doomed.wait_running().await;
+    wait_for_gauge(&survivor, "outbox_instances", 2.0).await;
+    wait_for_gauge(&doomed, "outbox_instances", 2.0).await;
+
+    doomed.pause();
+    let paused_at = Instant::now();
+    insert(&db, 1_280).await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(
+        db.count("PENDING").await > 0,
+        "its share waits while it stalls"
+    );
+    // Killed, its listener's backend ends: the survivor's next heartbeat (within 3 s)
+    // drops it, long before its row would lapse (at least 12 s after the pause).
+    doomed.kill_9();
+    wait_published(&db, 1_280, Duration::from_secs(20)).await;
+    let after = paused_at.elapsed();
+    println!("everything delivered {after:?} after the pause");
+    assert!(
+        after < Duration::from_secs(11),
+        "taken over only when the heartbeat lapsed ({after:?}):\n{}",
+        survivor.log()
+    );
+    assert_eq!(
+        broker.wait_for(1_280, Duration::from_secs(30)).await.len(),
+        1_280
+    );
+}
