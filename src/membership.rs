@@ -5,9 +5,10 @@
 //! event taken: with four instances, four claim statements per batch instead of one.
 //! So the ids are cut into blocks of [`BLOCK`] consecutive ids, the blocks into
 //! [`SHARDS`] shards, and each shard belongs to one live instance by rendezvous hashing
-//! over the instances' names: every instance computes the same owner for a shard from
-//! the same list of members, and a member joining or leaving moves only the shards it
-//! takes or gives up.
+//! with bounded loads over the instances' names: every instance computes the same owner
+//! for a shard from the same list of members, shares are even (a drain lasts as long as
+//! its busiest instance), and a member joining or leaving moves few shards besides the
+//! ones it takes or gives up.
 //!
 //! The division is a hint, never a lock: claims stay fenced by `FOR UPDATE SKIP LOCKED`
 //! and `lock_token`, so two instances that disagree for a moment only both try an
@@ -48,30 +49,42 @@ impl Default for Shares {
 
 impl Shares {
     /// The shards `me` owns among `members` (live instances' names; `me` counts whether
-    /// it is listed or not).
+    /// it is listed or not). Rendezvous hashing with bounded loads: shard by shard, the
+    /// member that ranks it highest takes it unless it already holds its cap of
+    /// `ceil(256 / n)`, then the next; so every member holds within one or two of an
+    /// even share (plain rendezvous hashing left the busiest of four with about 11 %
+    /// more than its share, and a drain lasts as long as its busiest instance).
     pub fn of(me: &str, members: &[String]) -> Shares {
-        let mut others: Vec<&str> = members
+        let mut all: Vec<&str> = members
             .iter()
             .map(String::as_str)
-            .filter(|m| *m != me)
+            .chain(std::iter::once(me))
             .collect();
-        others.sort_unstable();
-        others.dedup();
+        all.sort_unstable();
+        all.dedup();
+        let mine = all.iter().position(|m| *m == me).expect("me is listed");
+        let cap = SHARDS.div_ceil(all.len());
+        let mut load = vec![0usize; all.len()];
+        let mut ranked: Vec<(u64, usize)> = Vec::with_capacity(all.len());
         let mut owned = [0u64; SHARDS / 64];
         for shard in 0..SHARDS {
-            let mine = weight(me, shard);
-            let taken = others.iter().any(|other| {
-                let theirs = weight(other, shard);
-                // Equal weights (practically never): the smaller name wins.
-                theirs > mine || (theirs == mine && *other < me)
-            });
-            if !taken {
+            ranked.clear();
+            ranked.extend(all.iter().enumerate().map(|(i, m)| (weight(m, shard), i)));
+            // Highest weight first; equal weights (practically never): the smaller name.
+            ranked.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            let owner = ranked
+                .iter()
+                .map(|(_, i)| *i)
+                .find(|i| load[*i] < cap)
+                .expect("the caps add up to every shard");
+            load[owner] += 1;
+            if owner == mine {
                 owned[shard / 64] |= 1 << (shard % 64);
             }
         }
         Shares {
             owned,
-            members: others.len() + 1,
+            members: all.len(),
         }
     }
 
@@ -141,20 +154,30 @@ mod tests {
         );
     }
 
+    fn owners(members: &[String]) -> Vec<usize> {
+        let all: Vec<Shares> = members.iter().map(|m| Shares::of(m, members)).collect();
+        (0..SHARDS)
+            .map(|shard| {
+                let owners: Vec<usize> = (0..all.len())
+                    .filter(|i| all[*i].owns_shard(shard))
+                    .collect();
+                assert_eq!(owners.len(), 1, "shard {shard}: owners {owners:?}");
+                owners[0]
+            })
+            .collect()
+    }
+
     #[test]
     fn every_shard_has_exactly_one_owner_and_shares_are_even() {
         for n in 1..=8 {
             let members = names(n);
-            let all: Vec<Shares> = members.iter().map(|m| Shares::of(m, &members)).collect();
-            for shard in 0..SHARDS {
-                let owners = all.iter().filter(|s| s.owns_shard(shard)).count();
-                assert_eq!(owners, 1, "{n} members: shard {shard} has {owners} owners");
-            }
-            for (member, shares) in members.iter().zip(&all) {
-                let fair = SHARDS / n;
+            owners(&members);
+            let cap = SHARDS.div_ceil(n);
+            for member in &members {
+                let shares = Shares::of(member, &members);
                 assert!(
-                    shares.count() >= fair / 2 && shares.count() <= fair * 3 / 2 + 1,
-                    "{n} members: {member} owns {} shards (fair: {fair})",
+                    shares.count() <= cap && shares.count() + (n - 1) * cap >= SHARDS,
+                    "{n} members: {member} owns {} shards (cap {cap})",
                     shares.count()
                 );
                 assert_eq!(shares.members(), n);
@@ -162,52 +185,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_joining_instance_takes_shards_only_from_the_others_and_gives_none() {
-        let before = names(3);
-        let mut after = before.clone();
-        after.push("newcomer".into());
-        for member in &before {
-            let old = Shares::of(member, &before);
-            let new = Shares::of(member, &after);
-            assert!(
-                !new.gained_over(&old),
-                "{member} gained a shard when one joined"
-            );
-        }
-        let newcomer = Shares::of("newcomer", &after);
-        assert!(newcomer.count() > 0);
-        // What the newcomer owns, exactly one old member gave up.
-        for shard in (0..SHARDS).filter(|s| newcomer.owns_shard(*s)) {
-            let gave = before
-                .iter()
-                .filter(|m| {
-                    Shares::of(m, &before).owns_shard(shard)
-                        && !Shares::of(m, &after).owns_shard(shard)
-                })
-                .count();
-            assert_eq!(gave, 1);
-        }
+    /// Shards whose owner differs between two memberships (by name).
+    fn moved(before: &[String], after: &[String]) -> usize {
+        let (b, a) = (owners(before), owners(after));
+        (0..SHARDS)
+            .filter(|s| before[b[*s]] != after[a[*s]])
+            .count()
     }
 
     #[test]
-    fn a_leaving_instance_s_shards_go_to_the_others_and_nothing_else_moves() {
-        let before = names(4);
-        let after: Vec<String> = before[1..].to_vec();
-        let left = Shares::of(&before[0], &before);
-        for member in &after {
-            let old = Shares::of(member, &before);
-            let new = Shares::of(member, &after);
-            for shard in 0..SHARDS {
-                if old.owns_shard(shard) {
-                    assert!(new.owns_shard(shard), "{member} lost shard {shard}");
-                } else if new.owns_shard(shard) {
-                    assert!(
-                        left.owns_shard(shard),
-                        "{member} took a live member's shard"
-                    );
-                }
-            }
+    fn a_joining_or_leaving_instance_moves_few_shards_besides_its_own() {
+        for n in 2..=6 {
+            let before = names(n);
+            let mut after = before.clone();
+            after.push("newcomer".into());
+            let taken = Shares::of("newcomer", &after).count();
+            let moves = moved(&before, &after);
+            assert!(
+                moves <= 2 * taken,
+                "{n} + 1 members: {moves} shards moved, the newcomer took {taken}"
+            );
+            // And back when it leaves.
+            assert_eq!(moved(&after, &before), moves);
         }
     }
 
@@ -236,9 +235,14 @@ mod tests {
                 .unwrap()
                 .clone()
         };
-        let got: String = (0..16).map(owner).collect();
+        let got: String = (0..SHARDS).map(owner).collect();
         assert_eq!(got, GOLDEN);
     }
 
-    const GOLDEN: &str = "cccaabacbbbcacab";
+    const GOLDEN: &str = concat!(
+        "cccaabacbbbcacababccbcacabaccaababcccccbbbbbcabbbaaacbccccbbccba",
+        "acbacbbaaccbbacabacabccbccbbcacbcabaacaacaaaaababacbacacaccbbcbb",
+        "acababaccbcbcaaabababbcabccabcabacaacbaacacbcbcccbbabccaacbcaaac",
+        "babbababbabbabcaccbccbccbaaacababbcbbacbabaaccccbcaababbbbbcacba"
+    );
 }

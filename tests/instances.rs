@@ -10,7 +10,7 @@ mod support;
 use outboxd::membership::{BLOCK, SHARDS, Shares};
 use outboxd::{NewEvent, enqueue};
 use std::time::{Duration, Instant};
-use support::fleet::Instance;
+use support::fleet::{Instance, Producer, audit};
 use support::proxy::CountingProxy;
 use support::{TestBroker, TestDb};
 
@@ -247,4 +247,64 @@ async fn a_killed_instance_s_share_is_taken_over_before_its_heartbeat_could_laps
         broker.wait_for(1_280, Duration::from_secs(30)).await.len(),
         1_280
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_joining_and_leaving_under_load_lose_nothing_without_the_safety_sweep() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    // Notifications stay on (no drain mode, whose sweeps are not divided): every
+    // event is claimed through the division or the sweep of a gain.
+    let env = [
+        NO_SAFETY_SWEEP,
+        ("OUTBOXD_LISTENER_HEARTBEAT_INTERVAL", "500ms"),
+        ("OUTBOXD_HIGH_LOAD_ENABLED", "false"),
+    ];
+    let first = Instance::start(&db.url, &broker, &env);
+    first.wait_running().await;
+    let producer = Producer::start(&db.url, 6_000, 5).await;
+    let consumed = |n: usize| {
+        let broker = &broker;
+        async move {
+            broker.wait_for(n, Duration::from_secs(30)).await;
+        }
+    };
+    consumed(500).await;
+    // Three join while events flow.
+    let mut leaving = Instance::start(&db.url, &broker, &env);
+    let mut doomed = Instance::start(&db.url, &broker, &env);
+    let late = Instance::start(&db.url, &broker, &env);
+    for joined in [&leaving, &doomed, &late] {
+        joined.wait_running().await;
+    }
+    wait_for_gauge(&first, "outbox_instances", 4.0).await;
+    consumed(1_500).await;
+    // One leaves (SIGTERM), one dies (SIGKILL), one stalls for a while; none starts
+    // afterwards, so no start-up sweep picks up what a departure left.
+    assert_eq!(leaving.terminate().await, Some(0), "{}", leaving.log());
+    consumed(2_500).await;
+    doomed.kill_9();
+    let fault_at = Instant::now();
+    late.pause();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    late.resume();
+    let committed = producer.finish().await;
+    let audit = audit(
+        &db.url,
+        &broker,
+        &committed,
+        fault_at,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(audit.lost, 0, "{audit:?}\n{}", first.log());
+    assert_eq!(db.count("PUBLISHED").await, committed.len() as i64);
+    wait_for_gauge(&first, "outbox_instances", 2.0).await;
+    let owned = gauge(first.http_addr(), "outbox_shards_owned")
+        .await
+        .unwrap()
+        + gauge(late.http_addr(), "outbox_shards_owned")
+            .await
+            .unwrap();
+    assert_eq!(owned, SHARDS as f64);
 }
