@@ -28,6 +28,8 @@ struct Settings {
     only: Option<String>,
     /// Runs of the short scenarios (drains, ceilings, scale-out); medians are reported.
     runs: usize,
+    /// Rounds of the scale-out and ordered drains (each round runs every instance count).
+    scale_runs: usize,
     ceiling_for: Duration,
     broker_messages: usize,
     latency_rate: f64,
@@ -57,6 +59,7 @@ impl Settings {
             mode: "full",
             only: None,
             runs: 3,
+            scale_runs: 5,
             ceiling_for: Duration::from_secs(8),
             broker_messages: 50_000,
             latency_rate: 1000.0,
@@ -79,6 +82,7 @@ impl Settings {
             mode: "quick",
             only: None,
             runs: 1,
+            scale_runs: 1,
             ceiling_for: Duration::from_secs(2),
             broker_messages: 5_000,
             latency_rate: 1000.0,
@@ -186,7 +190,7 @@ impl Table {
 fn format_value(value: f64, unit: &str) -> String {
     match unit {
         "ms" => format!("{value:.2} ms"),
-        "x" => format!("{value:.1} x"),
+        "x" => format!("{value:.2} x"),
         "rows/event" => format!("{value:.2} rows/event"),
         "%" => format!("{value:.1} %"),
         "s" => format!("{value:.2} s"),
@@ -276,6 +280,37 @@ where
 /// `n` outboxd instances on `db`, started together, each with its listener up.
 async fn start_instances(db: &TestDb, broker: &TestBroker, n: usize) -> Vec<Outboxd> {
     futures_util::future::join_all((0..n).map(|_| support::start(config(db, broker)))).await
+}
+
+/// `runs` rounds of every case in turn (so a machine that slows down for a while slows
+/// every case alike): each case's results, in round order.
+async fn interleaved<K, F, Fut>(
+    runs: usize,
+    ok: &mut bool,
+    cases: &[K],
+    mut scenario: F,
+) -> HashMap<K, Vec<f64>>
+where
+    K: Copy + Eq + std::hash::Hash,
+    F: FnMut(K) -> Fut,
+    Fut: std::future::Future<Output = (f64, bool)>,
+{
+    let mut results: HashMap<K, Vec<f64>> = HashMap::new();
+    for _ in 0..runs {
+        for case in cases {
+            let (value, complete) = scenario(*case).await;
+            eprintln!("    {value:.0}");
+            *ok &= complete;
+            results.entry(*case).or_default().push(value);
+        }
+    }
+    results
+}
+
+/// The median of `a[i] / b[i]`: rounds measured side by side, compared within a round.
+fn paired_ratio(a: &[f64], b: &[f64]) -> f64 {
+    let ratios: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
+    median(&ratios)
 }
 
 /// `runs` results of a scenario that reports (value, every event consumed).
@@ -1171,19 +1206,30 @@ async fn run(s: &Settings) -> (Table, bool) {
 
     if s.wants("scale") {
         t.section(&format!(
-            "scale-out: instances on one database, started first, then {} events committed at once",
+            "scale-out: instances on one database, started first, then {} events committed at once; instance counts interleaved run by run, ratios paired within a run",
             s.scale_backlog
         ));
-        for instances in [1, 2, 4] {
-            let rates = repeat(runs, &mut ok, || {
-                keyed_drain(s.scale_backlog, s.scale_backlog, instances)
-            })
-            .await;
+        let drains = interleaved(
+            s.scale_runs,
+            &mut ok,
+            &[(false, 1), (false, 2), (false, 4)],
+            |(_, n)| keyed_drain(s.scale_backlog, s.scale_backlog, n),
+        )
+        .await;
+        for n in [1, 2, 4] {
             t.add(
-                format!("{instances} instance(s)"),
-                runs,
-                median(&rates),
+                format!("{n} instance(s)"),
+                s.scale_runs,
+                median(&drains[&(false, n)]),
                 "ev/s",
+            );
+        }
+        for n in [2, 4] {
+            t.add(
+                format!("{n} instances / 1 (median of paired ratios)"),
+                s.scale_runs,
+                paired_ratio(&drains[&(false, n)], &drains[&(false, 1)]),
+                "x",
             );
         }
     }
@@ -1193,38 +1239,36 @@ async fn run(s: &Settings) -> (Table, bool) {
             "ordering: instances started, then {} events on 10,000 aggregates committed at once; same run, unordered vs relay.ordering = per_aggregate",
             s.ordered_backlog
         ));
-        let mut by_mode: HashMap<(bool, usize), f64> = HashMap::new();
-        for instances in [1, 2, 4] {
-            for ordered in [false, true] {
-                let rates = repeat(runs, &mut ok, || {
-                    with_ordering(ordered, || {
-                        keyed_drain(s.ordered_backlog, 10_000, instances)
-                    })
-                })
-                .await;
-                let mode = if ordered { "ordered" } else { "unordered" };
-                t.add(
-                    format!("{mode}, {instances} instance(s)"),
-                    runs,
-                    median(&rates),
-                    "ev/s",
-                );
-                by_mode.insert((ordered, instances), median(&rates));
-            }
+        let cases: Vec<(bool, usize)> = [1, 2, 4]
+            .into_iter()
+            .flat_map(|n| [(false, n), (true, n)])
+            .collect();
+        let drains = interleaved(s.scale_runs, &mut ok, &cases, |(ordered, n)| {
+            with_ordering(ordered, move || keyed_drain(s.ordered_backlog, 10_000, n))
+        })
+        .await;
+        for (ordered, n) in &cases {
+            let mode = if *ordered { "ordered" } else { "unordered" };
+            t.add(
+                format!("{mode}, {n} instance(s)"),
+                s.scale_runs,
+                median(&drains[&(*ordered, *n)]),
+                "ev/s",
+            );
         }
         t.add(
-            "ordered / unordered drain, 1 instance",
-            runs,
-            by_mode[&(true, 1)] / by_mode[&(false, 1)],
+            "ordered / unordered drain, 1 instance (median of paired ratios)",
+            s.scale_runs,
+            paired_ratio(&drains[&(true, 1)], &drains[&(false, 1)]),
             "x",
         );
         for ordered in [false, true] {
             let mode = if ordered { "ordered" } else { "unordered" };
-            for instances in [2, 4] {
+            for n in [2, 4] {
                 t.add(
-                    format!("{mode}: {instances} instances / 1"),
-                    runs,
-                    by_mode[&(ordered, instances)] / by_mode[&(ordered, 1)],
+                    format!("{mode}: {n} instances / 1 (median of paired ratios)"),
+                    s.scale_runs,
+                    paired_ratio(&drains[&(ordered, n)], &drains[&(ordered, 1)]),
                     "x",
                 );
             }
