@@ -88,6 +88,14 @@ impl Shares {
         }
     }
 
+    /// Every shard, among `members` live instances that do not divide the ids.
+    pub fn of_all(members: usize) -> Shares {
+        Shares {
+            members: members.max(1),
+            ..Shares::default()
+        }
+    }
+
     /// Whether this instance claims `id` when it is notified.
     pub fn owns(&self, id: i64) -> bool {
         self.owns_shard(shard_of(id))

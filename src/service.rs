@@ -43,6 +43,9 @@ impl Outboxd {
         config.validate()?;
         let metrics = Metrics::new();
         let order = config.order_rule().map_err(StartError::Destination)?;
+        // With ordering, instances claim every notified id in id order together (see
+        // Listener::dividing); without it, each claims its own shards.
+        let divide = !order.any();
         // This instance's name: in outbox_mode.holder, outbox_settings and
         // outbox_instances.
         let name = instance_name();
@@ -126,7 +129,7 @@ impl Outboxd {
         tasks.spawn(reaper.run(shutdown.clone()));
         tasks.spawn(keeper.run(shutdown.clone()));
         tasks.spawn(gauges.run(shutdown.clone()));
-        let listener = Listener::new(&config, name, wakes_tx, metrics.clone());
+        let listener = Listener::new(&config, name, wakes_tx, metrics.clone()).dividing(divide);
         tasks.spawn(listener.run(shutdown.clone()));
         if let Some(http) = http {
             let state = AppState {

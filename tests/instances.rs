@@ -308,3 +308,32 @@ async fn instances_joining_and_leaving_under_load_lose_nothing_without_the_safet
             .unwrap();
     assert_eq!(owned, SHARDS as f64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_instances_keep_claiming_every_notified_id_together() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let mut services = Vec::new();
+    for _ in 0..2 {
+        let mut config = support::config(&db, &broker);
+        config.relay.ordering = outboxd::ordering::Ordering::PerAggregate;
+        services.push(support::start(config).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while services.iter().any(|s| s.metrics().instances.get() != 2) {
+        assert!(
+            Instant::now() < deadline,
+            "the instances never saw each other"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Members, but each claims every id (Listener::dividing says why).
+    for service in &services {
+        assert_eq!(service.metrics().shards_owned.get(), SHARDS as i64);
+    }
+    insert(&db, 640).await;
+    wait_published(&db, 640, Duration::from_secs(30)).await;
+    for service in services {
+        service.stop().await;
+    }
+}
