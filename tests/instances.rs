@@ -153,25 +153,36 @@ async fn a_notified_event_is_claimed_by_its_shard_s_owner_alone() {
 
 const NO_SAFETY_SWEEP: (&str, &str) = ("OUTBOXD_RELAY_SAFETY_SWEEP_INTERVAL", "1h");
 
+/// Two `outboxd` processes, safety sweep off, heartbeat every `heartbeat`, each seeing
+/// the other; then the second is paused (SIGSTOP) and 1,280 events are committed in one
+/// statement. Returns (the running one, the paused one, when it was paused).
+async fn two_members_one_paused(
+    db: &TestDb,
+    broker: &TestBroker,
+    heartbeat: &str,
+) -> (Instance, Instance, Instant) {
+    let env = [
+        NO_SAFETY_SWEEP,
+        ("OUTBOXD_LISTENER_HEARTBEAT_INTERVAL", heartbeat),
+    ];
+    let running = Instance::start(&db.url, broker, &env);
+    running.wait_running().await;
+    let paused = Instance::start(&db.url, broker, &env);
+    paused.wait_running().await;
+    wait_for_gauge(&running, "outbox_instances", 2.0).await;
+    wait_for_gauge(&paused, "outbox_instances", 2.0).await;
+    paused.pause();
+    let paused_at = Instant::now();
+    insert(db, 1_280).await;
+    (running, paused, paused_at)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_instance_s_share_is_taken_over_when_its_heartbeat_lapses_and_it_rejoins_on_waking()
  {
     let db = TestDb::new().await;
     let broker = TestBroker::new(Some("#")).await;
-    let env = [
-        NO_SAFETY_SWEEP,
-        ("OUTBOXD_LISTENER_HEARTBEAT_INTERVAL", "1s"),
-    ];
-    let survivor = Instance::start(&db.url, &broker, &env);
-    survivor.wait_running().await;
-    let stalled = Instance::start(&db.url, &broker, &env);
-    stalled.wait_running().await;
-    wait_for_gauge(&survivor, "outbox_instances", 2.0).await;
-    wait_for_gauge(&stalled, "outbox_instances", 2.0).await;
-
-    stalled.pause();
-    let paused_at = Instant::now();
-    insert(&db, 1_280).await;
+    let (survivor, stalled, paused_at) = two_members_one_paused(&db, &broker, "1s").await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     // The stalled instance's heartbeat lapses 5 s after its last beat, at least 4 s
     // after the pause: until then its share waits, the survivor's is delivered.
@@ -213,20 +224,7 @@ async fn a_killed_instance_s_share_is_taken_over_before_its_heartbeat_could_laps
     let db = TestDb::new().await;
     let broker = TestBroker::new(Some("#")).await;
     // A heartbeat every 3 s: a member lapses 15 s after its last beat.
-    let env = [
-        NO_SAFETY_SWEEP,
-        ("OUTBOXD_LISTENER_HEARTBEAT_INTERVAL", "3s"),
-    ];
-    let survivor = Instance::start(&db.url, &broker, &env);
-    survivor.wait_running().await;
-    let mut doomed = Instance::start(&db.url, &broker, &env);
-    doomed.wait_running().await;
-    wait_for_gauge(&survivor, "outbox_instances", 2.0).await;
-    wait_for_gauge(&doomed, "outbox_instances", 2.0).await;
-
-    doomed.pause();
-    let paused_at = Instant::now();
-    insert(&db, 1_280).await;
+    let (survivor, mut doomed, paused_at) = two_members_one_paused(&db, &broker, "3s").await;
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     assert!(
         db.count("PENDING").await > 0,
