@@ -198,7 +198,7 @@ impl Listener {
             .await
         {
             Ok(members) if self.divide => Shares::of(&self.name, &members),
-            Ok(members) => Shares::of_all(members.len()),
+            Ok(members) => Shares::of_all(&self.name, &members),
             Err(HeartbeatError::Lost(reason)) => return Err(reason),
             Err(HeartbeatError::Refused(reason)) => {
                 if !beat.refused {

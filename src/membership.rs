@@ -35,6 +35,8 @@ pub fn shard_of(id: i64) -> usize {
 pub struct Shares {
     owned: [u64; SHARDS / 64],
     members: usize,
+    /// Members on this instance's host, itself included.
+    neighbours: usize,
 }
 
 impl Default for Shares {
@@ -43,6 +45,7 @@ impl Default for Shares {
         Shares {
             owned: [u64::MAX; SHARDS / 64],
             members: 1,
+            neighbours: 1,
         }
     }
 }
@@ -85,13 +88,22 @@ impl Shares {
         Shares {
             owned,
             members: all.len(),
+            neighbours: neighbours(me, &all),
         }
     }
 
-    /// Every shard, among `members` live instances that do not divide the ids.
-    pub fn of_all(members: usize) -> Shares {
+    /// Every shard: `me` among `members` that do not divide the ids.
+    pub fn of_all(me: &str, members: &[String]) -> Shares {
+        let mut all: Vec<&str> = members
+            .iter()
+            .map(String::as_str)
+            .chain(std::iter::once(me))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
         Shares {
-            members: members.max(1),
+            members: all.len(),
+            neighbours: neighbours(me, &all),
             ..Shares::default()
         }
     }
@@ -123,6 +135,29 @@ impl Shares {
     pub fn members(&self) -> usize {
         self.members
     }
+
+    /// How many of them run on this instance's host, itself included.
+    pub fn neighbours(&self) -> usize {
+        self.neighbours
+    }
+
+    /// This instance's part of a per-host budget of `per_host` (at least one): instances
+    /// on one host share its cores, so `relay.max_in_flight_batches` is a host's budget,
+    /// split among the instances there.
+    pub fn part_of(&self, per_host: usize) -> usize {
+        per_host.div_ceil(self.neighbours.max(1)).max(1)
+    }
+}
+
+/// The host part of an instance name (`host/pid/random`, see `service.rs`).
+pub fn host_of(name: &str) -> &str {
+    name.split_once('/').map_or(name, |(host, _)| host)
+}
+
+/// Members of `all` on the host of `me` (`me` among them).
+fn neighbours(me: &str, all: &[&str]) -> usize {
+    let host = host_of(me);
+    all.iter().filter(|m| host_of(m) == host).count().max(1)
 }
 
 /// A member's rendezvous weight for a shard: a fixed function (FNV-1a of the name, mixed
@@ -216,6 +251,26 @@ mod tests {
             // And back when it leaves.
             assert_eq!(moved(&after, &before), moves);
         }
+    }
+
+    #[test]
+    fn instances_on_one_host_split_its_budget() {
+        let members: Vec<String> = ["db1/10/aaaa", "db1/11/bbbb", "db2/10/cccc", "db1/12/dddd"]
+            .iter()
+            .map(|m| m.to_string())
+            .collect();
+        let on_db1 = Shares::of("db1/10/aaaa", &members);
+        assert_eq!((on_db1.members(), on_db1.neighbours()), (4, 3));
+        assert_eq!(on_db1.part_of(4), 2, "ceil(4 / 3)");
+        assert_eq!(on_db1.part_of(1), 1, "never below one");
+        let on_db2 = Shares::of_all("db2/10/cccc", &members);
+        assert_eq!((on_db2.members(), on_db2.neighbours()), (4, 1));
+        assert_eq!(on_db2.part_of(4), 4, "alone on its host: the whole budget");
+        assert_eq!(Shares::default().part_of(4), 4);
+        assert_eq!(host_of("no-slash"), "no-slash");
+        let two = Shares::of("db1/10/aaaa", &members[..2]);
+        assert_eq!(two.part_of(4), 2);
+        assert_eq!(two.part_of(5), 3);
     }
 
     #[test]

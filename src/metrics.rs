@@ -71,6 +71,7 @@ pub struct Metrics {
     pub listener_connected: IntGauge,
     pub instances: IntGauge,
     pub shards_owned: IntGauge,
+    pub batches_allowed: IntGauge,
     pub notifications: IntCounter,
     pub malformed_notifications: IntCounter,
     pub fenced_outcomes: IntCounter,
@@ -158,6 +159,11 @@ impl Metrics {
         let shards_owned = IntGauge::new(
             "outbox_shards_owned",
             "Shards of the notified event ids this instance claims (of 256; all of them while alone).",
+        )
+        .expect("metric");
+        let batches_allowed = IntGauge::new(
+            "outbox_batches_in_flight_allowed",
+            "Batches this instance may have in flight per destination: relay.max_in_flight_batches split among the live instances on its host.",
         )
         .expect("metric");
         let notifications = IntCounter::new(
@@ -277,6 +283,7 @@ impl Metrics {
             Box::new(listener_connected.clone()),
             Box::new(instances.clone()),
             Box::new(shards_owned.clone()),
+            Box::new(batches_allowed.clone()),
             Box::new(notifications.clone()),
             Box::new(malformed_notifications.clone()),
             Box::new(fenced_outcomes.clone()),
@@ -323,6 +330,7 @@ impl Metrics {
             listener_connected,
             instances,
             shards_owned,
+            batches_allowed,
             notifications,
             malformed_notifications,
             fenced_outcomes,

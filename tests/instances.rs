@@ -335,3 +335,84 @@ async fn ordered_instances_keep_claiming_every_notified_id_together() {
         service.stop().await;
     }
 }
+
+/// Instances on one host share its cores, so `relay.max_in_flight_batches` is a host's
+/// budget: two instances here, 4 configured, each has 2 batches in flight per destination
+/// at most (measured on 2 cores: two instances with 4 each drained 0.98 x of one, with 2
+/// each 1.05 x; four with 4 each 0.83 x, with 1 each 0.92 x). With a webhook that never
+/// answers and one event per batch, the owner of the events' shard holds two of them,
+/// not four; alone again, an instance has the whole budget back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_on_one_host_split_its_batches_in_flight() {
+    use support::webhook::{Endpoint, Hit, Reply};
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(None).await;
+    let silent = Endpoint::start(|_: &Hit| Reply::silent()).await;
+    let mut config = support::config(&db, &broker);
+    let mut webhook =
+        outboxd::config::WebhookConfig::new(silent.url(), "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+    webhook.timeout = Duration::from_secs(30);
+    webhook.failures_to_open = 100;
+    config.webhooks.insert("silent".into(), webhook);
+    config.routing.routes = vec![support::route(&["*"], &["webhook:silent"])];
+    config.relay.max_in_flight_batches = 4;
+    config.relay.batch_size = 1;
+    let first = support::start(config.clone()).await;
+    let second = support::start(config).await;
+    let services = [&first, &second];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while services
+        .iter()
+        .any(|s| s.metrics().instances.get() != 2 || s.metrics().batches_allowed.get() != 2)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the instances never split the budget: allowed {:?}",
+            services.map(|s| s.metrics().batches_allowed.get())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for service in services {
+        support::wait_started(service).await;
+    }
+    // 20 events in one block of ids: one shard, one owner.
+    let client = db.client().await;
+    client
+        .execute(
+            "SELECT setval('outbox_id_seq', $1, false)",
+            &[&(1_000 * SHARDS as i64 * BLOCK)],
+        )
+        .await
+        .unwrap();
+    for n in 0..20 {
+        enqueue(
+            &client,
+            &NewEvent::new(
+                "order",
+                n.to_string(),
+                "order.created",
+                serde_json::json!({}),
+            ),
+        )
+        .await
+        .unwrap();
+    }
+    silent
+        .wait_until(Duration::from_secs(10), |hits| hits.len() >= 2)
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(silent.hits().len(), 2, "two batches in flight, not four");
+    assert_eq!(db.count("PROCESSING").await, 2);
+    assert_eq!(db.count("PENDING").await, 18, "the rest wait unclaimed");
+
+    second.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while first.metrics().batches_allowed.get() != 4 {
+        assert!(
+            Instant::now() < deadline,
+            "alone, the instance never had its whole budget back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.stop().await;
+}

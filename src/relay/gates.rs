@@ -1,5 +1,7 @@
 //! Gates: which destinations claims leave out now. A destination with
-//! `relay.max_in_flight_batches` batches in flight is saturated; one whose circuit is
+//! its part of `relay.max_in_flight_batches` in flight is saturated (the setting is a
+//! host's budget, split among the live instances there: see
+//! [`crate::membership::Shares::part_of`]); one whose circuit is
 //! open is parked. Events that still need such a destination stay PENDING and
 //! unclaimed (the claim's SQL leaves them out), so a slow destination never holds the
 //! slots other destinations' events need, and a destination that is down has its
@@ -99,6 +101,8 @@ pub(super) struct Gates {
     pub left_out: BTreeSet<String>,
     /// When a parked destination's cool-down ends (look at the gates again then).
     pub look_again: Option<Instant>,
+    /// Batches in flight allowed per destination at the last look (0: not looked yet).
+    pub allowed: usize,
 }
 
 /// The gates at one moment.
@@ -125,7 +129,19 @@ impl Relay {
     /// Looks at every destination's load and circuit; a destination that takes events
     /// again after claims left it out gets the sweep that finds what they left behind.
     pub(super) fn gates(&mut self) -> Open {
-        let limit = self.deliverer.relay.max_in_flight_batches;
+        let shares = self.inbox.shares();
+        let limit = shares.part_of(self.deliverer.relay.max_in_flight_batches);
+        if limit != self.gates.allowed {
+            if self.gates.allowed != 0 {
+                tracing::info!(
+                    instances_on_this_host = shares.neighbours(),
+                    batches_per_destination = limit,
+                    "relay.max_in_flight_batches split among the instances on this host"
+                );
+            }
+            self.gates.allowed = limit;
+            self.deliverer.metrics.batches_allowed.set(limit as i64);
+        }
         let gates = &mut self.gates;
         let mut open = Open::default();
         gates.look_again = None;

@@ -173,6 +173,11 @@ impl Inbox {
         }
     }
 
+    /// The division this instance last heard of.
+    pub fn shares(&self) -> &Shares {
+        &self.shares
+    }
+
     /// Ids whose delivery crashed: each is claimed alone.
     pub fn suspect(&mut self, ids: Vec<i64>) {
         self.suspects.extend(ids);
