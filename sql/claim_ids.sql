@@ -3,7 +3,10 @@
 -- claim filter (store::ClaimFilter): $5 patterns text[], $6 routes text[], $7 avoid
 -- text[], $8 want text; $9 and $10 the notification's created_at bounds in epoch
 -- seconds (-Infinity and Infinity when unknown), so that only the partitions they fall
--- in are read.
+-- in are read. $15 bool[]: the aggregate shards this instance owns (one flag per shard,
+-- shard = hashtext(aggregate_type || '/' || aggregate_id) & 255, see src/membership.rs),
+-- NULL for every event: with per-aggregate ordering each instance claims only the
+-- notified events of its own aggregates.
 -- The attempt is counted here, at claim (design.md invariant 4).
 WITH picked AS (
     SELECT id, created_at, aggregate_type, aggregate_id, event_type
@@ -13,6 +16,8 @@ WITH picked AS (
        AND created_at <= to_timestamp($10::float8)
        AND status = 'PENDING'
        AND next_attempt_at <= now()
+       AND ($15::bool[] IS NULL
+            OR ($15::bool[])[1 + (hashtext(c.aggregate_type || '/' || c.aggregate_id) & 255)])
        -- Leave out events that still need a destination the relay is not claiming for
        -- (saturated or parked), and, for a probe, take only events that need that one.
        -- The route is the first pattern the event_type matches (rule order).

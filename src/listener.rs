@@ -59,8 +59,6 @@ pub enum Ended {
 pub struct Listener {
     /// This instance's name among the members.
     name: String,
-    /// Whether the instances divide the notified ids (see [`Listener::dividing`]).
-    divide: bool,
     url: String,
     connect_timeout: Duration,
     config: ListenerConfig,
@@ -77,26 +75,12 @@ impl Listener {
     ) -> Self {
         Self {
             name,
-            divide: true,
             url: config.database.listen_url().to_string(),
             connect_timeout: config.database.connect_timeout,
             config: config.listener.clone(),
             wakes,
             metrics,
         }
-    }
-
-    /// Whether this instance claims only the notified ids of its shards (the default) or
-    /// every one. With per-aggregate ordering the instances keep claiming every id,
-    /// lowest first, together: an aggregate's events lie far apart in the id space, and
-    /// instances that each walk their own shards drift apart in it, so the one ahead
-    /// claims events whose predecessor the one behind has not delivered yet, and holds
-    /// them (measured: 4 ordered instances drained 0.46 x of one with the division,
-    /// 33,447 holds released for 100,000 events, against none without it). The
-    /// membership is kept either way (the `outbox_instances` gauge).
-    pub fn dividing(mut self, divide: bool) -> Self {
-        self.divide = divide;
-        self
     }
 
     /// Connects, listens, reconnects with jittered exponential backoff; ends on shutdown.
@@ -197,8 +181,7 @@ impl Listener {
             )
             .await
         {
-            Ok(members) if self.divide => Shares::of(&self.name, &members),
-            Ok(members) => Shares::of_all(&self.name, &members),
+            Ok(members) => Shares::of(&self.name, &members),
             Err(HeartbeatError::Lost(reason)) => return Err(reason),
             Err(HeartbeatError::Refused(reason)) => {
                 if !beat.refused {

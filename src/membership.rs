@@ -15,7 +15,18 @@
 //! event. No id is left unclaimed: an instance that gains shards sweeps every due event
 //! after it starts taking their ids, so an id heard before the gain (by an instance that
 //! no longer owned it, or by nobody) was committed before that sweep began and is
-//! claimed by it. This file is pure; the listener keeps the membership
+//! claimed by it.
+//!
+//! With per-aggregate ordering the shards are of aggregates instead: shard =
+//! `hashtext(aggregate_type || '/' || aggregate_id) & 255`, computed by the claim
+//! (`sql/claim_ids.sql`), since a notification carries ids only. Every instance takes in
+//! every notified id and its claim leases only the events of its own aggregates, so an
+//! aggregate's events go to one instance and its claims never wait on another's: divided
+//! by id block, ordered instances drifted apart in the id space, the one ahead claimed
+//! events whose predecessor the one behind had not delivered yet and held them
+//! (measured: four drained 0.46 x of one, 33,447 holds for 100,000 events). Sweeps and
+//! retries claim whatever is due, as without ordering; the claim's rule keeps the order
+//! whoever claims. This file is pure; the listener keeps the membership
 //! (`sql/heartbeat.sql`) and the relay's inbox applies the division.
 
 /// Consecutive ids that belong to the same shard: one INSERT's ids go to few instances,
@@ -89,22 +100,6 @@ impl Shares {
             owned,
             members: all.len(),
             neighbours: neighbours(me, &all),
-        }
-    }
-
-    /// Every shard: `me` among `members` that do not divide the ids.
-    pub fn of_all(me: &str, members: &[String]) -> Shares {
-        let mut all: Vec<&str> = members
-            .iter()
-            .map(String::as_str)
-            .chain(std::iter::once(me))
-            .collect();
-        all.sort_unstable();
-        all.dedup();
-        Shares {
-            members: all.len(),
-            neighbours: neighbours(me, &all),
-            ..Shares::default()
         }
     }
 
@@ -263,7 +258,7 @@ mod tests {
         assert_eq!((on_db1.members(), on_db1.neighbours()), (4, 3));
         assert_eq!(on_db1.part_of(4), 2, "ceil(4 / 3)");
         assert_eq!(on_db1.part_of(1), 1, "never below one");
-        let on_db2 = Shares::of_all("db2/10/cccc", &members);
+        let on_db2 = Shares::of("db2/10/cccc", &members);
         assert_eq!((on_db2.members(), on_db2.neighbours()), (4, 1));
         assert_eq!(on_db2.part_of(4), 4, "alone on its host: the whole budget");
         assert_eq!(Shares::default().part_of(4), 4);

@@ -43,9 +43,9 @@ impl Outboxd {
         config.validate()?;
         let metrics = Metrics::new();
         let order = config.order_rule().map_err(StartError::Destination)?;
-        // With ordering, instances claim every notified id in id order together (see
-        // Listener::dividing); without it, each claims its own shards.
-        let divide = !order.any();
+        // With ordering, the instances divide the notified events by aggregate, without
+        // it by id block (src/membership.rs).
+        let by_aggregate = order.any();
         // This instance's name: in outbox_mode.holder, outbox_settings and
         // outbox_instances.
         let name = instance_name();
@@ -113,6 +113,7 @@ impl Outboxd {
             metrics.clone(),
             wakes_rx,
         )
+        .dividing_by_aggregate(by_aggregate)
         .with_high_load(HighLoad::new(
             config.high_load.clone(),
             name.clone(),
@@ -129,7 +130,7 @@ impl Outboxd {
         tasks.spawn(reaper.run(shutdown.clone()));
         tasks.spawn(keeper.run(shutdown.clone()));
         tasks.spawn(gauges.run(shutdown.clone()));
-        let listener = Listener::new(&config, name, wakes_tx, metrics.clone()).dividing(divide);
+        let listener = Listener::new(&config, name, wakes_tx, metrics.clone());
         tasks.spawn(listener.run(shutdown.clone()));
         if let Some(http) = http {
             let state = AppState {

@@ -1015,7 +1015,7 @@ async fn claims_leave_out_exactly_what_the_router_sends_to_a_left_out_destinatio
                 .await
                 .unwrap();
             store
-                .claim_ids(&ids, None, Duration::from_secs(60), &filter)
+                .claim_ids(&ids, None, Duration::from_secs(60), &filter, None)
                 .await
                 .unwrap()
         };
@@ -1265,7 +1265,7 @@ async fn a_notified_claim_reads_at_most_two_partitions_and_never_default() {
     tx.batch_execute(&format!(
         "SET LOCAL plan_cache_mode = force_generic_plan;
          PREPARE claim(int8[], float8, uuid, int8, text[], text[], text[], text, float8, float8,
-                       bool, text[], bool[], bool)
+                       bool, text[], bool[], bool, bool[])
              AS {claim}"
     ))
     .await
@@ -1275,7 +1275,7 @@ async fn a_notified_claim_reads_at_most_two_partitions_and_never_default() {
             &format!(
                 "EXPLAIN (ANALYZE, FORMAT JSON)
                  EXECUTE claim('{{{}}}', 60, gen_random_uuid(), 500, '{{}}', '{{}}', '{{}}', NULL, {}, {},
-                               false, '{{}}', '{{}}', true)",
+                               false, '{{}}', '{{}}', true, NULL)",
                 ids.iter().map(|id| id.to_string()).collect::<Vec<_>>().join(","),
                 created.since,
                 created.until

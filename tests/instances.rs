@@ -307,30 +307,95 @@ async fn instances_joining_and_leaving_under_load_lose_nothing_without_the_safet
     assert_eq!(owned, SHARDS as f64);
 }
 
+/// With per-aggregate ordering the instances divide the notified events by aggregate
+/// (src/membership.rs): every event of an aggregate is claimed by the same instance, so
+/// an instance never claims an event whose predecessor another one holds. A trigger
+/// records which instance (by `application_name`) leased each event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ordered_instances_keep_claiming_every_notified_id_together() {
+async fn ordered_instances_divide_the_notified_events_by_aggregate() {
     let db = TestDb::new().await;
     let broker = TestBroker::new(Some("#")).await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE claimed_by (id int8, aggregate_id text, instance text);
+             CREATE FUNCTION record_claimer() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.status = 'PROCESSING' AND OLD.status = 'PENDING' THEN
+                 INSERT INTO claimed_by
+                 VALUES (NEW.id, NEW.aggregate_id, current_setting('application_name'));
+               END IF;
+               RETURN NULL;
+             END $$;
+             CREATE TRIGGER record_claimer AFTER UPDATE ON outbox
+               FOR EACH ROW EXECUTE FUNCTION record_claimer();",
+        )
+        .await
+        .unwrap();
     let mut services = Vec::new();
-    for _ in 0..2 {
+    for n in 0..2 {
         let mut config = support::config(&db, &broker);
+        let joint = if db.url.contains('?') { '&' } else { '?' };
+        config.database.url = format!("{}{joint}application_name=instance-{n}", db.url);
         config.relay.ordering = outboxd::ordering::Ordering::PerAggregate;
+        // Notified claims only: drain mode claims by sweep, whatever the aggregate.
+        config.high_load.enabled = false;
         services.push(support::start(config).await);
     }
     let deadline = Instant::now() + Duration::from_secs(15);
-    while services.iter().any(|s| s.metrics().instances.get() != 2) {
+    while services
+        .iter()
+        .any(|s| s.metrics().instances.get() != 2 || s.metrics().shards_owned.get() == 256)
+    {
         assert!(
             Instant::now() < deadline,
-            "the instances never saw each other"
+            "the instances never divided the shards"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Members, but each claims every id (Listener::dividing says why).
+    let owned: i64 = services
+        .iter()
+        .map(|s| s.metrics().shards_owned.get())
+        .sum();
+    assert_eq!(owned, SHARDS as i64);
     for service in &services {
-        assert_eq!(service.metrics().shards_owned.get(), SHARDS as i64);
+        support::wait_started(service).await;
     }
-    insert(&db, 640).await;
+    // 40 aggregates, 16 events each, interleaved in id order.
+    client
+        .execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             SELECT 'order', (g % 40)::text, 'order.created', jsonb_build_object('n', g)
+               FROM generate_series(1, 640) AS g",
+            &[],
+        )
+        .await
+        .unwrap();
     wait_published(&db, 640, Duration::from_secs(30)).await;
+    let rows = client
+        .query(
+            "SELECT aggregate_id, array_agg(DISTINCT instance) FROM claimed_by GROUP BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 40);
+    let mut per_instance = std::collections::BTreeMap::<String, usize>::new();
+    for row in &rows {
+        let aggregate: String = row.get(0);
+        let claimers: Vec<String> = row.get(1);
+        assert_eq!(
+            claimers.len(),
+            1,
+            "aggregate {aggregate} was claimed by {claimers:?}"
+        );
+        *per_instance.entry(claimers[0].clone()).or_default() += 1;
+    }
+    assert_eq!(
+        per_instance.len(),
+        2,
+        "both instances claim their aggregates: {per_instance:?}"
+    );
     for service in services {
         service.stop().await;
     }

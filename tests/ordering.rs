@@ -127,7 +127,7 @@ async fn a_claim_takes_an_aggregate_s_first_unfinished_event_and_holds_the_rest(
     assert_eq!(released.iter().map(|r| r.0).collect::<Vec<_>>(), vec![a[1]]);
     assert!(held(&client, a[2]).await);
     let next = store
-        .claim_ids(&[a[1], a[2]], None, LEASE, &ALL)
+        .claim_ids(&[a[1], a[2]], None, LEASE, &ALL, None)
         .await
         .unwrap();
     assert_eq!(
@@ -148,7 +148,10 @@ async fn a_claim_takes_an_aggregate_s_first_unfinished_event_and_holds_the_rest(
             .claim_due(10, Duration::ZERO, LEASE, &ALL)
             .await
             .unwrap(),
-        store.claim_ids(&[c[1]], None, LEASE, &ALL).await.unwrap(),
+        store
+            .claim_ids(&[c[1]], None, LEASE, &ALL, None)
+            .await
+            .unwrap(),
     ] {
         assert!(
             claim.events.iter().all(|e| e.id != c[1]),
@@ -161,7 +164,10 @@ async fn a_claim_takes_an_aggregate_s_first_unfinished_event_and_holds_the_rest(
     // Without ordering the same rows are claimed as they come.
     let d = commit(&db, &client, &["d", "d"]).await;
     let unordered = support::store(&support::config(&db, &TestBroker::new(None).await)).await;
-    let claim = unordered.claim_ids(&d, None, LEASE, &ALL).await.unwrap();
+    let claim = unordered
+        .claim_ids(&d, None, LEASE, &ALL, None)
+        .await
+        .unwrap();
     assert_eq!(claim.events.len(), 2);
 }
 
@@ -184,11 +190,11 @@ async fn two_racing_claims_never_hand_out_an_aggregate_s_later_event_first() {
                 two.claim_due(10, Duration::ZERO, LEASE, &ALL)
             ),
             1 => tokio::join!(
-                one.claim_ids(&ids, None, LEASE, &ALL),
-                two.claim_ids(&ids, None, LEASE, &ALL)
+                one.claim_ids(&ids, None, LEASE, &ALL, None),
+                two.claim_ids(&ids, None, LEASE, &ALL, None)
             ),
             _ => tokio::join!(
-                one.claim_ids(&ids[1..], None, LEASE, &ALL),
+                one.claim_ids(&ids[1..], None, LEASE, &ALL, None),
                 two.claim_due(10, Duration::ZERO, LEASE, &ALL)
             ),
         };
@@ -250,7 +256,7 @@ async fn a_hold_racing_the_release_of_its_aggregate_is_never_stranded() {
         let key = format!("r{round}");
         let ids = commit(&db, &client, &[&key, &key]).await;
         let head = completer
-            .claim_ids(&ids[..1], None, LEASE, &ALL)
+            .claim_ids(&ids[..1], None, LEASE, &ALL, None)
             .await
             .unwrap();
         assert_eq!(head.events.len(), 1);
@@ -261,10 +267,15 @@ async fn a_hold_racing_the_release_of_its_aggregate_is_never_stranded() {
                 .await
                 .unwrap();
             let ids: Vec<i64> = released.iter().map(|r| r.0).collect();
-            completer.claim_ids(&ids, None, LEASE, &ALL).await.unwrap()
+            completer
+                .claim_ids(&ids, None, LEASE, &ALL, None)
+                .await
+                .unwrap()
         };
-        let (by_completer, by_claimer) =
-            tokio::join!(finish, claimer.claim_ids(&ids[1..], None, LEASE, &ALL));
+        let (by_completer, by_claimer) = tokio::join!(
+            finish,
+            claimer.claim_ids(&ids[1..], None, LEASE, &ALL, None)
+        );
         let by_claimer = by_claimer.unwrap();
         let takers = [&by_claimer, &by_completer]
             .iter()
@@ -931,7 +942,7 @@ async fn a_dead_letter_the_reaper_makes_under_skip_releases_its_aggregate() {
         .await
         .with_order(per_aggregate(OnDeadLetter::Skip));
     let head = worker
-        .claim_ids(&ids, None, Duration::from_millis(300), &ALL)
+        .claim_ids(&ids, None, Duration::from_millis(300), &ALL, None)
         .await
         .unwrap();
     assert_eq!(

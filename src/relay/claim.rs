@@ -88,7 +88,7 @@ impl Relay {
             let result = self
                 .deliverer
                 .store
-                .claim_ids(&[suspect], None, lease, filter)
+                .claim_ids(&[suspect], None, lease, filter, None)
                 .await;
             if result.is_err() {
                 self.inbox.suspect(vec![suspect]);
@@ -98,10 +98,11 @@ impl Relay {
             self.claim_sweep(sweep, filter).await.map(Some)
         } else if self.inbox.has_ids() {
             let (ids, created) = self.inbox.take_ids(self.deliverer.relay.batch_size);
+            let shards = self.inbox.aggregate_shards();
             let result = self
                 .deliverer
                 .store
-                .claim_ids(&ids, created, lease, filter)
+                .claim_ids(&ids, created, lease, filter, shards.as_deref())
                 .await;
             if result.is_err() {
                 self.inbox.put_back(ids, created);

@@ -5,7 +5,7 @@
 //! claim, so under load claims are large and back to back.
 
 use crate::high_load::HighLoad;
-use crate::membership::Shares;
+use crate::membership::{SHARDS, Shares};
 use crate::notification::{Created, Notified};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -102,6 +102,10 @@ pub struct Inbox {
     /// The notified ids that are this instance's to claim; the others' owners claim
     /// the rest.
     shares: Shares,
+    /// Whether the shares are of aggregates (per-aggregate ordering: every notified id
+    /// is taken in, and the claim takes only the events of owned aggregates) rather
+    /// than of id blocks.
+    by_aggregate: bool,
 }
 
 impl Inbox {
@@ -140,7 +144,11 @@ impl Inbox {
                 if let Some(highest) = ids.iter().max() {
                     high_load.saw(*highest);
                 }
-                for id in ids.into_iter().filter(|id| self.shares.owns(*id)) {
+                let by_aggregate = self.by_aggregate;
+                for id in ids
+                    .into_iter()
+                    .filter(|id| by_aggregate || self.shares.owns(*id))
+                {
                     let known = self.pending.entry(id).or_insert(created);
                     *known = match (*known, created) {
                         (Some(a), Some(b)) => Some(a.merge(b)),
@@ -176,6 +184,21 @@ impl Inbox {
     /// The division this instance last heard of.
     pub fn shares(&self) -> &Shares {
         &self.shares
+    }
+
+    /// Divide by aggregate instead of by id block (see [`crate::membership`]).
+    pub fn divide_by_aggregate(&mut self, by_aggregate: bool) {
+        self.by_aggregate = by_aggregate;
+    }
+
+    /// The aggregate shards a claim of notified ids takes events of (`None`: all), one
+    /// flag per shard.
+    pub fn aggregate_shards(&self) -> Option<Vec<bool>> {
+        (self.by_aggregate && self.shares.count() < SHARDS).then(|| {
+            (0..SHARDS)
+                .map(|shard| self.shares.owns_shard(shard))
+                .collect()
+        })
     }
 
     /// Ids whose delivery crashed: each is claimed alone.

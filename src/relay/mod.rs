@@ -113,6 +113,13 @@ impl Relay {
         }
     }
 
+    /// Instances divide the notified events by aggregate, not by id block (with
+    /// per-aggregate ordering: see [`crate::membership`]).
+    pub fn dividing_by_aggregate(mut self, by_aggregate: bool) -> Self {
+        self.inbox.divide_by_aggregate(by_aggregate);
+        self
+    }
+
     /// High-load (drain) mode as configured. Without it, this relay never enters drain
     /// mode itself but still follows other instances into it.
     pub fn with_high_load(mut self, high_load: HighLoad) -> Self {

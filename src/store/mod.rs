@@ -472,30 +472,28 @@ impl Store {
         created: Option<Created>,
         lease: Duration,
         filter: &ClaimFilter,
+        aggregate_shards: Option<&[bool]>,
     ) -> Result<Claim, StoreError> {
         let token = Uuid::new_v4();
         let (since, until) = created.map_or((f64::NEG_INFINITY, f64::INFINITY), |c| {
             (c.since as f64, c.until as f64)
         });
-        self.claim_with(
-            "claim_ids",
-            CLAIM_IDS,
-            token,
-            lease,
-            &self.with_order_params(&[
-                &ids,
-                &lease.as_secs_f64(),
-                &token,
-                &(ids.len() as i64),
-                &filter.patterns,
-                &filter.routes,
-                &filter.avoid,
-                &filter.want,
-                &since,
-                &until,
-            ]),
-        )
-        .await
+        let (lease_secs, limit) = (lease.as_secs_f64(), ids.len() as i64);
+        let mut params = self.with_order_params(&[
+            &ids,
+            &lease_secs,
+            &token,
+            &limit,
+            &filter.patterns,
+            &filter.routes,
+            &filter.avoid,
+            &filter.want,
+            &since,
+            &until,
+        ]);
+        params.push(&aggregate_shards);
+        self.claim_with("claim_ids", CLAIM_IDS, token, lease, &params)
+            .await
     }
 
     /// claim: lease up to `limit` due PENDING events due for at least `grace` (sweeps).
