@@ -2,13 +2,16 @@
 -- drain sweeps). $1 limit int8, $2 grace seconds float8 (only rows due at least that long
 -- ago), $3 lease seconds float8, $4 lock_token uuid, and the
 -- claim filter (store::ClaimFilter): $5 patterns text[], $6 routes text[], $7 avoid
--- text[], $8 want text. Reads the partial index on due
+-- text[], $8 want text; $13 bool[] the aggregate shards to take events of (NULL: every
+-- event; see claim_ids.sql). Reads the partial index on due
 -- PENDING rows. (The retry timer has its own statement: claim_due_retries.sql.)
 WITH picked AS (
     SELECT id, created_at, aggregate_type, aggregate_id, event_type
       FROM outbox AS c
      WHERE status = 'PENDING'
        AND next_attempt_at <= now() - make_interval(secs => $2::float8)
+       AND ($13::bool[] IS NULL
+            OR ($13::bool[])[1 + (hashtext(c.aggregate_type || '/' || c.aggregate_id) & 255)])
        -- Leave out events that still need a destination the relay is not claiming for
        -- (saturated or parked), and, for a probe, take only events that need that one.
        -- The route is the first pattern the event_type matches (rule order).

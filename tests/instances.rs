@@ -307,16 +307,15 @@ async fn instances_joining_and_leaving_under_load_lose_nothing_without_the_safet
     assert_eq!(owned, SHARDS as f64);
 }
 
-/// With per-aggregate ordering the instances divide the notified events by aggregate
-/// (src/membership.rs): every event of an aggregate is claimed by the same instance, so
-/// an instance never claims an event whose predecessor another one holds. A trigger
-/// records which instance (by `application_name`) leased each event.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ordered_instances_divide_the_notified_events_by_aggregate() {
-    let db = TestDb::new().await;
-    let broker = TestBroker::new(Some("#")).await;
-    let client = db.client().await;
-    client
+/// Two ordered instances on `db` that see each other, each connecting as
+/// `instance-N`; a trigger records in `claimed_by` which one leased each event.
+async fn two_ordered_instances(
+    db: &TestDb,
+    broker: &TestBroker,
+    high_load: bool,
+) -> Vec<outboxd::Outboxd> {
+    db.client()
+        .await
         .batch_execute(
             "CREATE TABLE claimed_by (id int8, aggregate_id text, instance text);
              CREATE FUNCTION record_claimer() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -334,12 +333,11 @@ async fn ordered_instances_divide_the_notified_events_by_aggregate() {
         .unwrap();
     let mut services = Vec::new();
     for n in 0..2 {
-        let mut config = support::config(&db, &broker);
+        let mut config = support::config(db, broker);
         let joint = if db.url.contains('?') { '&' } else { '?' };
         config.database.url = format!("{}{joint}application_name=instance-{n}", db.url);
         config.relay.ordering = outboxd::ordering::Ordering::PerAggregate;
-        // Notified claims only: drain mode claims by sweep, whatever the aggregate.
-        config.high_load.enabled = false;
+        config.high_load.enabled = high_load;
         services.push(support::start(config).await);
     }
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -361,8 +359,13 @@ async fn ordered_instances_divide_the_notified_events_by_aggregate() {
     for service in &services {
         support::wait_started(service).await;
     }
-    // 40 aggregates, 16 events each, interleaved in id order.
-    client
+    services
+}
+
+/// 40 aggregates, 16 events each, interleaved in id order, in one statement.
+async fn insert_aggregates(db: &TestDb) {
+    db.client()
+        .await
         .execute(
             "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
              SELECT 'order', (g % 40)::text, 'order.created', jsonb_build_object('n', g)
@@ -371,30 +374,100 @@ async fn ordered_instances_divide_the_notified_events_by_aggregate() {
         )
         .await
         .unwrap();
-    wait_published(&db, 640, Duration::from_secs(30)).await;
-    let rows = client
+}
+
+/// Per aggregate: how many of its events each instance leased, most first.
+async fn claimers(db: &TestDb) -> Vec<(String, Vec<i64>)> {
+    db.client()
+        .await
         .query(
-            "SELECT aggregate_id, array_agg(DISTINCT instance) FROM claimed_by GROUP BY 1",
+            "SELECT aggregate_id, array_agg(n ORDER BY n DESC)
+               FROM (SELECT aggregate_id, instance, count(*) AS n
+                       FROM claimed_by GROUP BY 1, 2) AS c
+              GROUP BY 1 ORDER BY 1",
             &[],
         )
         .await
-        .unwrap();
-    assert_eq!(rows.len(), 40);
-    let mut per_instance = std::collections::BTreeMap::<String, usize>::new();
-    for row in &rows {
-        let aggregate: String = row.get(0);
-        let claimers: Vec<String> = row.get(1);
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// With per-aggregate ordering the instances divide the notified events by aggregate
+/// (src/membership.rs): every event of an aggregate is leased by the same instance, so
+/// an instance never claims an event whose predecessor another one holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_instances_divide_the_notified_events_by_aggregate() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    // Notified claims only: drain mode has its own test below.
+    let services = two_ordered_instances(&db, &broker, false).await;
+    insert_aggregates(&db).await;
+    wait_published(&db, 640, Duration::from_secs(30)).await;
+    let claimers = claimers(&db).await;
+    assert_eq!(claimers.len(), 40);
+    for (aggregate, counts) in &claimers {
         assert_eq!(
-            claimers.len(),
+            counts.len(),
             1,
-            "aggregate {aggregate} was claimed by {claimers:?}"
+            "aggregate {aggregate}: leased by two instances ({counts:?})"
         );
-        *per_instance.entry(claimers[0].clone()).or_default() += 1;
     }
-    assert_eq!(
-        per_instance.len(),
-        2,
-        "both instances claim their aggregates: {per_instance:?}"
+    let instances: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(DISTINCT instance) FROM claimed_by", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(instances, 2, "both instances claim their aggregates");
+    for service in services {
+        service.stop().await;
+    }
+}
+
+/// In drain mode (no notifications, claims by polling) ordered instances poll their own
+/// aggregates' events first; a poll ends with a claim of every event, so an aggregate
+/// may now and then go to the other instance (an event released between the two), and
+/// nothing waits for a member that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordered_instances_in_drain_mode_poll_their_own_aggregates() {
+    let db = TestDb::new().await;
+    let broker = TestBroker::new(Some("#")).await;
+    let services = two_ordered_instances(&db, &broker, true).await;
+    // Another instance holds drain mode: both follow, notifications are off.
+    let config = support::config(&db, &broker);
+    support::store(&config)
+        .await
+        .enter_drain("another-instance", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while services
+        .iter()
+        .any(|s| s.metrics().high_load_mode.get() != 1)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the instances never followed into drain mode"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    insert_aggregates(&db).await;
+    wait_published(&db, 640, Duration::from_secs(30)).await;
+    let claimers = claimers(&db).await;
+    assert_eq!(claimers.len(), 40);
+    let by_another: i64 = claimers
+        .iter()
+        .map(|(_, c)| c[1..].iter().sum::<i64>())
+        .sum();
+    println!(
+        "events leased by another instance than their aggregate's main one: {by_another} of 640"
+    );
+    assert!(
+        by_another <= 32,
+        "{by_another} of 640 events leased by another instance than the one that leased most of their aggregate's: {claimers:?}"
     );
     for service in services {
         service.stop().await;

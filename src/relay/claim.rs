@@ -14,6 +14,10 @@ use tokio::time::Instant;
 /// The most held events one safety sweep reads (ordering's safety net).
 const UNHOLD_STALE_LIMIT: i64 = 10_000;
 
+/// In drain mode, ordered instances leave the events of others' aggregates to them
+/// unless they have been due this long.
+const UNCLAIMED_BY_OWNER: Duration = Duration::from_secs(1);
+
 impl Relay {
     /// Claims while there is work and a destination with room for another batch, and
     /// starts the deliveries. A destination whose batches are all in flight, or whose
@@ -122,6 +126,7 @@ impl Relay {
     ) -> Result<Claim, StoreError> {
         let d = Arc::clone(&self.deliverer);
         let batch = d.relay.batch_size;
+        let shards = self.inbox.aggregate_shards();
         let claim = match sweep {
             Sweep::Retry => {
                 d.store
@@ -143,6 +148,30 @@ impl Relay {
                 d.store
                     .claim_due(batch, d.relay.safety_sweep_grace, d.relay.lease, filter)
                     .await?
+            }
+            Sweep::Drain if shards.is_some() && !self.high_load.is_leaving() => {
+                // Ordered instances in drain mode poll their own aggregates' events, so
+                // their claims never wait on each other's; events due for a while that
+                // their owner has not claimed (it is gone, or has not read the latest
+                // members) are anyone's. Leaving drain mode, every event is claimed
+                // again, until no producer that read drain mode can still commit.
+                let mine = d
+                    .store
+                    .claim_due_of(
+                        batch,
+                        Duration::ZERO,
+                        d.relay.lease,
+                        filter,
+                        shards.as_deref(),
+                    )
+                    .await?;
+                if mine.events.len() + mine.held > 0 {
+                    mine
+                } else {
+                    d.store
+                        .claim_due(batch, UNCLAIMED_BY_OWNER, d.relay.lease, filter)
+                        .await?
+                }
             }
             Sweep::Drain
             | Sweep::Requested

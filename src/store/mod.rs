@@ -504,24 +504,35 @@ impl Store {
         lease: Duration,
         filter: &ClaimFilter,
     ) -> Result<Claim, StoreError> {
+        self.claim_due_of(limit, grace, lease, filter, None).await
+    }
+
+    /// claim_due, of the events of `aggregate_shards` only (one flag per shard; `None`:
+    /// every event).
+    pub async fn claim_due_of(
+        &self,
+        limit: usize,
+        grace: Duration,
+        lease: Duration,
+        filter: &ClaimFilter,
+        aggregate_shards: Option<&[bool]>,
+    ) -> Result<Claim, StoreError> {
         let token = Uuid::new_v4();
-        self.claim_with(
-            "claim_due",
-            CLAIM_DUE,
-            token,
-            lease,
-            &self.with_order_params(&[
-                &(limit as i64),
-                &grace.as_secs_f64(),
-                &lease.as_secs_f64(),
-                &token,
-                &filter.patterns,
-                &filter.routes,
-                &filter.avoid,
-                &filter.want,
-            ]),
-        )
-        .await
+        let (limit, grace_secs, lease_secs) =
+            (limit as i64, grace.as_secs_f64(), lease.as_secs_f64());
+        let mut params = self.with_order_params(&[
+            &limit,
+            &grace_secs,
+            &lease_secs,
+            &token,
+            &filter.patterns,
+            &filter.routes,
+            &filter.avoid,
+            &filter.want,
+        ]);
+        params.push(&aggregate_shards);
+        self.claim_with("claim_due", CLAIM_DUE, token, lease, &params)
+            .await
     }
 
     /// claim: lease up to `limit` due retries (events a failed or deferred attempt
