@@ -262,50 +262,62 @@ impl RabbitMqSink {
             }
         };
         let mut outcomes: Vec<Option<Outcome>> = vec![None; events.len()];
-        let mut confirms = Vec::with_capacity(events.len());
+        let mut messages = Vec::with_capacity(events.len());
         for (index, event) in events.iter().enumerate() {
             let rendered = self.routing_key.render(event);
-            let message = match message::build(
+            match message::build(
                 event,
                 &rendered,
                 used.frame_max,
                 self.config.max_payload_bytes,
             ) {
-                Ok(message) => message,
-                Err(reason) => {
-                    // Refused before sending: this event alone, with its reason.
-                    outcomes[index] = Some(Outcome::Rejected { reason });
-                    continue;
-                }
-            };
-            let published = used
-                .channel
-                .basic_publish(
-                    exchange.clone(),
-                    message.routing_key,
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    event.payload.as_bytes(),
-                    message.properties,
-                )
-                .await;
-            match published {
+                Ok(message) => messages.push((index, rendered, message)),
+                // Refused before sending: this event alone, with its reason.
+                Err(reason) => outcomes[index] = Some(Outcome::Rejected { reason }),
+            }
+        }
+        // Every publish is queued at its first poll, in batch order (lapin assigns the
+        // delivery tag and queues the frames before it awaits anything), so the I/O
+        // thread writes the batch in a few wake-ups instead of one round trip per
+        // message; each future then resolves once its frames are written.
+        let published = join_all(messages.into_iter().map(|(index, rendered, message)| {
+            let (channel, exchange) = (&used.channel, exchange.clone());
+            let payload = events[index].payload.as_bytes();
+            async move {
+                let result = channel
+                    .basic_publish(
+                        exchange,
+                        message.routing_key,
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        payload,
+                        message.properties,
+                    )
+                    .await;
+                (index, rendered, result)
+            }
+        }))
+        .await;
+        let mut confirms = Vec::with_capacity(published.len());
+        let mut failed = false;
+        for (index, rendered, result) in published {
+            match result {
                 Ok(confirm) => confirms.push((index, rendered, confirm)),
-                Err(error) => {
-                    // The channel is gone. This event's publish failed; the rest of the
-                    // batch was never sent, so it waits without being charged.
+                // The channel is gone. The first event whose publish failed is charged;
+                // the later ones were never sent, so they wait without being charged.
+                Err(error) if !failed => {
+                    failed = true;
                     outcomes[index] = Some(Outcome::destination_failed(format!(
                         "publish failed: {error}"
                     )));
-                    for slot in outcomes.iter_mut().skip(index + 1).filter(|o| o.is_none()) {
-                        *slot = Some(Outcome::Deferred {
-                            reason: format!("not published: the channel closed ({error})"),
-                            not_before: self.config.reconnect_min_delay,
-                        });
-                    }
-                    break;
+                }
+                Err(error) => {
+                    outcomes[index] = Some(Outcome::Deferred {
+                        reason: format!("not published: the channel closed ({error})"),
+                        not_before: self.config.reconnect_min_delay,
+                    });
                 }
             }
         }
