@@ -24,9 +24,10 @@
 //! aggregate's events go to one instance and its claims never wait on another's: divided
 //! by id block, ordered instances drifted apart in the id space, the one ahead claimed
 //! events whose predecessor the one behind had not delivered yet and held them
-//! (measured: four drained 0.46 x of one, 33,447 holds for 100,000 events). Sweeps and
-//! retries claim whatever is due, as without ordering; the claim's rule keeps the order
-//! whoever claims. This file is pure; the listener keeps the membership
+//! (measured: four drained 0.46 x of one, 33,447 holds for 100,000 events). In drain
+//! mode an ordered instance polls its own aggregates' events first (events due for a
+//! second are anyone's); the other sweeps and the retries claim whatever is due, as
+//! without ordering, and the claim's rule keeps the order whoever claims. This file is pure; the listener keeps the membership
 //! (`sql/heartbeat.sql`) and the relay's inbox applies the division.
 
 /// Consecutive ids that belong to the same shard: one INSERT's ids go to few instances,
