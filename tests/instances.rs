@@ -64,6 +64,23 @@ async fn insert(db: &TestDb, n: i64) {
         .unwrap();
 }
 
+/// Commits `n` events one by one (`enqueue`), with ids from `first` on.
+async fn enqueue_from(client: &tokio_postgres::Client, first: i64, n: usize) {
+    client
+        .execute("SELECT setval('outbox_id_seq', $1, false)", &[&first])
+        .await
+        .unwrap();
+    for n in 0..n {
+        let event = NewEvent::new(
+            "order",
+            n.to_string(),
+            "order.created",
+            serde_json::json!({}),
+        );
+        enqueue(client, &event).await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notified_event_is_claimed_by_its_shard_s_owner_alone() {
     let db = TestDb::new().await;
@@ -110,24 +127,8 @@ async fn a_notified_event_is_claimed_by_its_shard_s_owner_alone() {
     let shares = Shares::of(&members[0], &members);
     let shard = (0..SHARDS).find(|s| shares.owns_shard(*s)).unwrap() as i64;
     let first = (1_000 * SHARDS as i64 + shard) * BLOCK;
-    client
-        .execute("SELECT setval('outbox_id_seq', $1, false)", &[&first])
-        .await
-        .unwrap();
     let before: Vec<u64> = proxies.iter().map(|p| p.statements()).collect();
-    for n in 0..40 {
-        enqueue(
-            &client,
-            &NewEvent::new(
-                "order",
-                n.to_string(),
-                "order.created",
-                serde_json::json!({}),
-            ),
-        )
-        .await
-        .unwrap();
-    }
+    enqueue_from(&client, first, 40).await;
     assert_eq!(broker.wait_for(40, Duration::from_secs(20)).await.len(), 40);
     let mut sent: Vec<u64> = proxies
         .iter()
@@ -514,27 +515,7 @@ async fn instances_on_one_host_split_its_batches_in_flight() {
         support::wait_started(service).await;
     }
     // 20 events in one block of ids: one shard, one owner.
-    let client = db.client().await;
-    client
-        .execute(
-            "SELECT setval('outbox_id_seq', $1, false)",
-            &[&(1_000 * SHARDS as i64 * BLOCK)],
-        )
-        .await
-        .unwrap();
-    for n in 0..20 {
-        enqueue(
-            &client,
-            &NewEvent::new(
-                "order",
-                n.to_string(),
-                "order.created",
-                serde_json::json!({}),
-            ),
-        )
-        .await
-        .unwrap();
-    }
+    enqueue_from(&db.client().await, 1_000 * SHARDS as i64 * BLOCK, 20).await;
     silent
         .wait_until(Duration::from_secs(10), |hits| hits.len() >= 2)
         .await;
