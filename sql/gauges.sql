@@ -7,8 +7,9 @@ SELECT (SELECT count(*) FROM outbox WHERE status = 'PENDING')
            (SELECT min(created_at) FROM outbox WHERE status = 'PENDING'),
            (SELECT min(created_at) FROM outbox WHERE status = 'PROCESSING'))), 0)::float8
          AS oldest_pending_age_seconds,
-       (SELECT count(*) FROM outbox
-         WHERE status = 'DEAD_LETTER' AND discarded_at IS NULL) AS dead_letters,
+       -- Dead letters are kept apart (outbox_dead_letters), past retention too.
+       (SELECT count(*) FROM outbox_dead_letters
+         WHERE discarded_at IS NULL) AS dead_letters,
        pg_notification_queue_usage()::float8 AS notification_queue_usage,
        (SELECT count(*) FROM (SELECT 1 FROM outbox_default LIMIT 100000) AS capped)
          AS default_partition_rows,

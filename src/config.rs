@@ -16,6 +16,7 @@ pub use crate::secret::{Secret, redact};
 pub use crate::sink::rabbitmq::RabbitMqConfig;
 pub use crate::sink::webhook::WebhookConfig;
 pub use crate::store::DatabaseConfig;
+pub use crate::store::retention::OnExpiry;
 pub use crate::validate::{ConfigError, env_name};
 
 /// The whole configuration of one outboxd instance.
@@ -186,9 +187,16 @@ pub struct RetryConfig {
 pub struct PartitionsConfig {
     /// Daily partitions are kept created this many days ahead of today (UTC).
     pub days_ahead: u32,
-    /// How often `run` checks them (and the DEFAULT partition).
+    /// How often `run` checks them, empties the DEFAULT partition and applies the
+    /// retention.
     #[serde(with = "duration_text")]
     pub check_interval: Duration,
+    /// A daily partition this much older than its last day is dropped (or detached)
+    /// once every row in it is PUBLISHED or a dead letter (dead letters are kept apart).
+    #[serde(with = "duration_text")]
+    pub retention: Duration,
+    /// `drop` or `detach` (the table stays, outside outbox, for an archive job).
+    pub on_expiry: OnExpiry,
 }
 
 impl Default for ListenerConfig {
@@ -232,7 +240,9 @@ impl Default for PartitionsConfig {
     fn default() -> Self {
         Self {
             days_ahead: 7,
-            check_interval: Duration::from_secs(24 * 3600),
+            check_interval: Duration::from_secs(3600),
+            retention: Duration::from_secs(7 * 86400),
+            on_expiry: OnExpiry::Drop,
         }
     }
 }
@@ -364,6 +374,12 @@ impl Config {
         let at = |key| Setting::at("partitions", key);
         at("days_ahead").in_range(p.days_ahead, 1..=365)?;
         at("check_interval").positive(p.check_interval)?;
+        if p.retention < Duration::from_secs(86400) {
+            return Err(at("retention").invalid(
+                show(p.retention),
+                "must be at least 1d (partitions hold a day each); write e.g. \"7d\", or \"3650d\" to keep everything",
+            ));
+        }
 
         let h = &self.http;
         let at = |key| Setting::at("http", key);

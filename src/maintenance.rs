@@ -1,11 +1,14 @@
 //! Background upkeep: the reaper (expired leases back to PENDING, every `lease / 2`,
-//! invariant 7) and the partition keeper (daily partitions days ahead, DEFAULT watched).
+//! invariant 7) and the partition keeper (daily partitions days ahead; under a lease,
+//! one instance at a time: DEFAULT emptied into its days' partitions and retention).
 
+use crate::config::PartitionsConfig;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::relay::Wake;
 use crate::store::operations::Gauges;
 use crate::store::partitions::PartitionReport;
+use crate::store::retention::RetentionReport;
 use crate::store::{Reaped, Store, StoreError};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -116,35 +119,74 @@ impl GaugeRefresher {
     }
 }
 
-/// Keeps daily partitions created `days_ahead` and reports rows in DEFAULT.
+/// Keeps daily partitions created `days_ahead`, empties DEFAULT into its days'
+/// partitions and drops (or detaches) the expired ones.
 pub struct PartitionKeeper {
     store: Store,
-    days_ahead: u32,
-    every: Duration,
+    config: PartitionsConfig,
+    /// This instance's name, as the holder of the maintenance lease.
+    holder: String,
     metrics: Metrics,
 }
 
+/// What one pass of the partition keeper did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeeperReport {
+    pub created: PartitionReport,
+    pub maintained: RetentionReport,
+}
+
 impl PartitionKeeper {
-    pub fn new(store: Store, days_ahead: u32, every: Duration, metrics: Metrics) -> Self {
+    pub fn new(store: Store, config: PartitionsConfig, holder: String, metrics: Metrics) -> Self {
         Self {
             store,
-            days_ahead,
-            every,
+            config,
+            holder,
             metrics,
         }
     }
 
+    /// A first pass at once (in the background: DEFAULT emptied and retention do not
+    /// hold up the start), then one every `partitions.check_interval`.
     pub async fn run(self, shutdown: CancellationToken) {
-        every(self.every, &shutdown, "partition upkeep", || {
-            self.run_once()
-        })
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            done = self.run_once() => if let Err(error) = done {
+                tracing::error!(%error, "partition upkeep failed; trying again next round");
+            }
+        }
+        every(
+            self.config.check_interval,
+            &shutdown,
+            "partition upkeep",
+            || self.run_once(),
+        )
         .await;
     }
 
-    pub async fn run_once(&self) -> Result<PartitionReport, StoreError> {
-        let report = self.store.ensure_partitions(self.days_ahead).await?;
-        self.metrics.default_partition_rows.set(report.default_rows);
-        Ok(report)
+    /// Creates the partitions ahead only (what the start waits for).
+    pub async fn create_ahead(&self) -> Result<PartitionReport, StoreError> {
+        let created = self.store.ensure_partitions(self.config.days_ahead).await?;
+        self.metrics
+            .default_partition_rows
+            .set(created.default_rows);
+        Ok(created)
+    }
+
+    pub async fn run_once(&self) -> Result<KeeperReport, StoreError> {
+        let created = self.create_ahead().await?;
+        let maintained = self
+            .store
+            .maintain_partitions(self.config.retention, self.config.on_expiry, &self.holder)
+            .await?;
+        if !maintained.default.moved.is_empty() {
+            let rows = self.store.default_partition_rows().await?;
+            self.metrics.default_partition_rows.set(rows);
+        }
+        Ok(KeeperReport {
+            created,
+            maintained,
+        })
     }
 }
 

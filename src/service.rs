@@ -65,11 +65,11 @@ impl Outboxd {
         let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
         let keeper = PartitionKeeper::new(
             store.clone(),
-            config.partitions.days_ahead,
-            config.partitions.check_interval,
+            config.partitions.clone(),
+            name.clone(),
             metrics.clone(),
         );
-        if let Err(error) = keeper.run_once().await {
+        if let Err(error) = keeper.create_ahead().await {
             tracing::error!(%error, "partition upkeep failed at start; producers' rows go to outbox_default meanwhile");
         }
         let router = config.router().map_err(StartError::Destination)?;

@@ -105,6 +105,13 @@ pub const MIGRATIONS: &[Migration] = &[
         adds: "table outbox_instances",
         sql: include_str!("../../migrations/0011_instances.sql"),
     },
+    Migration {
+        version: 12,
+        name: "dead_letters_apart",
+        present: "to_regclass('outbox_dead_letters') IS NOT NULL",
+        adds: "table outbox_dead_letters and its trigger, table outbox_leases",
+        sql: include_str!("../../migrations/0012_dead_letters_apart.sql"),
+    },
 ];
 
 /// Indexes of the partitioned outbox that migrations create on the parent alone and

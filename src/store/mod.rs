@@ -12,6 +12,7 @@ pub mod listen;
 pub mod migrate;
 pub mod operations;
 pub mod partitions;
+pub mod retention;
 pub mod tls;
 
 pub use connect::{DatabaseConfig, connect_once, describe_target};

@@ -131,7 +131,7 @@ pub enum RedriveError {
     Store(#[from] StoreError),
 }
 
-fn rfc3339<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn rfc3339<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&humantime::format_rfc3339_millis(*time).to_string())
 }
 

@@ -1,6 +1,8 @@
 //! The command line: `outboxd run`, `outboxd migrate`, `outboxd status`. Exit codes:
 //! 0 done, 1 a runtime failure (database unreachable...), 2 bad usage or configuration.
 
+mod retention;
+
 use crate::config::{Config, ConfigError};
 use crate::dead_letters::{self, ListRequest, RequestError};
 use crate::service::Outboxd;
@@ -80,6 +82,9 @@ pub enum Command {
     /// The ordering rule the database keeps (every instance must claim by it).
     #[command(subcommand)]
     Ordering(OrderingCommand),
+    /// Daily partitions: what retention will do with each, and a maintenance pass now.
+    #[command(subcommand)]
+    Partitions(retention::PartitionsCommand),
     /// Check the configuration, or show it.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -211,9 +216,9 @@ pub enum OrderingCommand {
 }
 
 /// A failure with the exit code it maps to.
-struct Failure {
-    code: u8,
-    message: String,
+pub(crate) struct Failure {
+    pub(crate) code: u8,
+    pub(crate) message: String,
 }
 
 impl From<ConfigError> for Failure {
@@ -404,6 +409,7 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
         Command::DeadLetters(command) => dead_letters_command(&config, command).await,
         Command::Events(command) => events_command(&config, command).await,
         Command::Ordering(command) => ordering_command(&config, command).await,
+        Command::Partitions(command) => retention::command(&config, command).await,
         Command::Demo { events } => demo_command(config, events).await,
         Command::Config(_) | Command::AlertRules { .. } => {
             unreachable!("answered before the config is loaded")
@@ -523,7 +529,7 @@ fn alert_rules(base: &str) -> Result<String, Failure> {
             ),
         });
     }
-    Ok(include_str!("../docs/alerts.yml").replace(SHIPPED_RUNBOOK_BASE, base))
+    Ok(include_str!("../../docs/alerts.yml").replace(SHIPPED_RUNBOOK_BASE, base))
 }
 
 /// Where to ask: `addr`, or the address `http.listen` binds, with an unspecified IP
@@ -656,7 +662,7 @@ impl From<RequestError> for Failure {
 
 /// Who runs this command, for the redrive record: `$USER`, else `$LOGNAME`, else
 /// `cli@HOST` (containers often have neither).
-fn who_asks() -> String {
+pub(crate) fn who_asks() -> String {
     ["USER", "LOGNAME"]
         .iter()
         .filter_map(|name| std::env::var(name).ok())
