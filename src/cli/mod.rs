@@ -864,6 +864,10 @@ fn print_event(event: &crate::store::operations::EventDetail) {
             redrive.last_error.as_deref().unwrap_or("-")
         );
     }
+    println!("story");
+    for step in &event.story {
+        println!("  {}  {:<15} {}", time(step.at), step.step, step.detail);
+    }
 }
 
 /// `'text'` for a shell, quotes inside kept.

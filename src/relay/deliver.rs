@@ -15,6 +15,7 @@ use crate::store::Store;
 use futures_util::future::join_all;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::time::{Instant, interval_at};
 use uuid::Uuid;
 
@@ -58,8 +59,8 @@ pub(super) fn plan(router: &Router, events: Vec<Event>) -> Vec<(Plan, Vec<Event>
 }
 
 /// Each destination's outcome for each event of a group (`None`: not sent there, it had
-/// acknowledged already).
-pub(super) type Outcomes = Vec<(String, Vec<Option<Outcome>>)>;
+/// acknowledged already), and how long the destination took for the group.
+pub(super) type Outcomes = Vec<(String, Vec<Option<Outcome>>, Duration)>;
 
 /// What delivery tasks share.
 pub(super) struct Deliverer {
@@ -161,8 +162,9 @@ impl Deliverer {
                     let by_event = (0..events.len())
                         .map(|i| needed.contains(&i).then(|| missing.clone()))
                         .collect();
-                    return (name.to_string(), by_event);
+                    return (name.to_string(), by_event, Duration::ZERO);
                 };
+                let started = Instant::now();
                 let outcomes = if needed.len() == events.len() {
                     sink.deliver(events).await
                 } else if needed.is_empty() {
@@ -182,7 +184,7 @@ impl Deliverer {
                         ));
                     }
                 }
-                (name.to_string(), by_event)
+                (name.to_string(), by_event, started.elapsed())
             }
         });
         join_all(sends).await

@@ -9,6 +9,7 @@ use crate::event::{Event, Outcome};
 use crate::metrics::FailureKind;
 use crate::retry::{Backoff, random_jitter};
 use crate::routing::Unrouted;
+use crate::store::history::AttemptItem;
 use crate::store::{BuryItem, CompleteItem, RetryItem, StoreError};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
@@ -43,14 +44,25 @@ impl Deliverer {
         let mut complete = Vec::new();
         let mut retry = Vec::new();
         let mut bury = Vec::new();
+        let mut history = Vec::new();
         let now = SystemTime::now();
         for (index, event) in events.iter().enumerate() {
             let outcomes: Vec<(&str, &Outcome)> = per_destination
                 .iter()
-                .filter_map(|(name, outcomes)| outcomes[index].as_ref().map(|o| (name.as_str(), o)))
+                .filter_map(|(name, outcomes, _)| {
+                    outcomes[index].as_ref().map(|o| (name.as_str(), o))
+                })
                 .collect();
             for (destination, outcome) in &outcomes {
                 self.count(event, destination, outcome);
+            }
+            for (destination, outcomes, took) in per_destination {
+                if let Some(failed) = outcomes[index]
+                    .as_ref()
+                    .and_then(|o| AttemptItem::failed(event, destination, o, *took))
+                {
+                    history.push(failed);
+                }
             }
             match decide(event, &outcomes, &self.retry, random_jitter()) {
                 Decision::Complete { acked } => {
@@ -128,6 +140,7 @@ impl Deliverer {
         if !self.store.order().dead_letters_block {
             ended.extend(buried);
         }
+        self.record_history(&history).await;
         BatchReport {
             retries,
             released: self.release_next(events, &ended).await,
@@ -230,6 +243,18 @@ impl Deliverer {
             }
         }
         BatchReport::default()
+    }
+
+    /// Writes the failed attempts into the delivery history (outbox_attempts): one
+    /// statement for the group. The history is for people; a write that fails is
+    /// logged, and delivery goes on.
+    async fn record_history(&self, history: &[AttemptItem]) {
+        if history.is_empty() {
+            return;
+        }
+        if let Err(error) = self.store.record_attempts(history).await {
+            tracing::warn!(%error, attempts = history.len(), "could not write failed attempts into the delivery history");
+        }
     }
 
     fn count(&self, event: &Event, destination: &str, outcome: &Outcome) {

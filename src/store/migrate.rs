@@ -112,6 +112,13 @@ pub const MIGRATIONS: &[Migration] = &[
         adds: "table outbox_dead_letters and its trigger, table outbox_leases",
         sql: include_str!("../../migrations/0012_dead_letters_apart.sql"),
     },
+    Migration {
+        version: 13,
+        name: "delivery_history",
+        present: "to_regclass('outbox_attempts') IS NOT NULL",
+        adds: "table outbox_attempts",
+        sql: include_str!("../../migrations/0013_delivery_history.sql"),
+    },
 ];
 
 /// Indexes of the partitioned outbox that migrations create on the parent alone and

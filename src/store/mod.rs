@@ -8,6 +8,7 @@
 
 pub mod connect;
 pub mod high_load;
+pub mod history;
 pub mod listen;
 pub mod migrate;
 pub mod operations;

@@ -98,6 +98,82 @@ pub struct EventDetail {
     pub last_error: Option<String>,
     pub delivered_to: Vec<String>,
     pub redrives: Vec<Redrive>,
+    /// Failed attempts, oldest first (the delivery history).
+    pub failed_attempts: Vec<super::history::Attempt>,
+    /// Everything above in the order it happened: committed, each failed attempt,
+    /// redrives and discards, published or dead-lettered.
+    pub story: Vec<StoryStep>,
+}
+
+/// One step of an event's story.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoryStep {
+    #[serde(serialize_with = "rfc3339")]
+    pub at: SystemTime,
+    /// `committed`, `attempt_failed`, `redriven`, `discarded`, `published`,
+    /// `dead_lettered`.
+    pub step: &'static str,
+    pub detail: String,
+}
+
+impl EventDetail {
+    /// The story of the event, oldest step first, from what it holds.
+    pub fn tell(&self) -> Vec<StoryStep> {
+        let mut story = vec![StoryStep {
+            at: self.created_at,
+            step: "committed",
+            detail: format!(
+                "{} of {}:{}",
+                self.event_type, self.aggregate_type, self.aggregate_id
+            ),
+        }];
+        for a in &self.failed_attempts {
+            let status = a
+                .http_status
+                .map(|s| format!("HTTP {s}, "))
+                .unwrap_or_default();
+            let replay = a
+                .replay_id
+                .map(|r| format!(" (replay {r})"))
+                .unwrap_or_default();
+            story.push(StoryStep {
+                at: a.at,
+                step: "attempt_failed",
+                detail: format!(
+                    "{} attempt {}{replay}: {}{} after {:.0} ms ({})",
+                    a.destination, a.attempt, status, a.outcome, a.duration_ms, a.error
+                ),
+            });
+        }
+        for r in &self.redrives {
+            story.push(StoryStep {
+                at: r.at,
+                step: if r.action == "discard" {
+                    "discarded"
+                } else {
+                    "redriven"
+                },
+                detail: format!("by {}: {}", r.by, r.reason),
+            });
+        }
+        if let Some(at) = self.processed_at {
+            match self.status.as_str() {
+                "PUBLISHED" => story.push(StoryStep {
+                    at,
+                    step: "published",
+                    detail: format!("acknowledged by {}", self.delivered_to.join(", ")),
+                }),
+                "DEAD_LETTER" | "DISCARDED" => story.push(StoryStep {
+                    at,
+                    step: "dead_lettered",
+                    detail: self.last_error.clone().unwrap_or_default(),
+                }),
+                _ => {}
+            }
+        }
+        story.sort_by_key(|s| s.at);
+        story
+    }
 }
 
 /// A recorded redrive.
@@ -242,8 +318,10 @@ impl Store {
                 action: h.get(5),
             })
             .collect();
+        drop(client);
+        let failed_attempts = self.attempts_of(id).await?;
         let json = |text: String| serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
-        Ok(Some(EventDetail {
+        let mut event = EventDetail {
             id: r.get(0),
             created_at: r.get(1),
             tracking_id: r.get(2),
@@ -260,7 +338,11 @@ impl Store {
             last_error: r.get(13),
             delivered_to: r.get(14),
             redrives,
-        }))
+            failed_attempts,
+            story: Vec::new(),
+        };
+        event.story = event.tell();
+        Ok(Some(event))
     }
 
     /// The id of the event with this tracking_id, or `None`.

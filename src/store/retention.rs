@@ -118,6 +118,8 @@ pub struct RetentionReport {
     pub failed: Vec<(String, String)>,
     /// tracking_id records forgotten with the dropped partitions.
     pub tracking_ids_trimmed: u64,
+    /// Failed attempts older than the retention forgotten from the delivery history.
+    pub attempts_trimmed: u64,
 }
 
 impl Store {
@@ -186,6 +188,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut client = self.pooled().await?;
         report.default = super::partitions::empty_default(&mut client).await?;
+        report.attempts_trimmed = self.trim_attempts(retention).await?;
         for partition in states(&client, retention).await? {
             match partition.verdict() {
                 Verdict::Keep => continue,
