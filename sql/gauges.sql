@@ -24,4 +24,35 @@ SELECT (SELECT count(*) FROM outbox WHERE status = 'PENDING')
                           AND h.aggregate_id = d.aggregate_id
                           AND h.id > d.id
                           AND h.status = 'PENDING'
-                          AND h.next_attempt_at = 'infinity')) AS dead_letters_blocking
+                          AND h.next_attempt_at = 'infinity')) AS dead_letters_blocking,
+       -- Replays waiting for or being sent (wakes the replayers: no polling of its own).
+       (SELECT count(*) FROM outbox_replays WHERE status = 'RUNNING') AS replays_running,
+       -- Bloat: dead row versions in outbox's partitions (as of the statistics
+       -- collector), and what keeps vacuum from removing them: the oldest snapshot
+       -- (backend_xmin) of this database's sessions and prepared transactions, its age
+       -- in transactions and the age of the oldest open transaction in seconds. Other
+       -- roles' sessions are seen with pg_read_all_stats (pg_monitor).
+       (SELECT coalesce(sum(s.n_dead_tup), 0)::int8
+          FROM pg_stat_user_tables AS s
+          JOIN pg_inherits AS i ON i.inhrelid = s.relid
+         WHERE i.inhparent = 'outbox'::regclass) AS partition_dead_tuples,
+       greatest(
+         (SELECT coalesce(max(age(backend_xmin)), 0) FROM pg_stat_activity
+           WHERE datname = current_database() AND pid <> pg_backend_pid()),
+         (SELECT coalesce(max(age(transaction)), 0) FROM pg_prepared_xacts
+           WHERE database = current_database()))::int8 AS xmin_horizon_age,
+       coalesce((SELECT extract(epoch FROM now() - min(xact_start)) FROM pg_stat_activity
+                  WHERE datname = current_database() AND pid <> pg_backend_pid()
+                    AND xact_start IS NOT NULL), 0)::float8 AS oldest_transaction_age_seconds,
+       -- Replication slots of this database (logical) and physical ones (they hold back
+       -- every database): the age of the xmin they keep, and the WAL they keep, as JSON
+       -- rows [{"slot", "xmin_age", "wal_bytes"}].
+       coalesce((SELECT json_agg(json_build_object(
+                   'slot', slot_name,
+                   'xmin_age', coalesce(age(coalesce(catalog_xmin, xmin)), 0),
+                   'wal_bytes', coalesce(pg_wal_lsn_diff(
+                       CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()
+                            ELSE pg_current_wal_lsn() END, restart_lsn), 0)))
+                   FROM pg_replication_slots
+                  WHERE database = current_database() OR database IS NULL), '[]')::text
+         AS replication_slots

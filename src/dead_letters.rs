@@ -209,3 +209,60 @@ fn left_alone(asked: &[i64], done: &[i64]) -> Vec<i64> {
         .filter(|id| !done.contains(id))
         .collect()
 }
+
+/// What a bulk redrive (a filter instead of ids) did, or would do.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BulkRedriven {
+    /// The filter, as people write it.
+    pub filter: String,
+    /// Dry run: the dead letters it names; otherwise the ones this redrive moved (a
+    /// concurrent redrive of the same filter moved the others: each moves once).
+    pub redriven: u64,
+    pub dry_run: bool,
+}
+
+/// Sends again every undiscarded dead letter `filter` names, at most `rate` a second
+/// (recorded with `reason` and `by`), or counts them (`dry_run`).
+pub async fn redrive_matching(
+    store: &Store,
+    filter: &crate::store::replays::EventFilter,
+    reason: &str,
+    by: &str,
+    rate: u32,
+    dry_run: bool,
+) -> Result<BulkRedriven, RequestError> {
+    if rate == 0 || rate > crate::replay::MAX_RATE {
+        return Err(RequestError::BadRequest(format!(
+            "rate {rate} is out of range: give 1 to {} dead letters a second",
+            crate::replay::MAX_RATE
+        )));
+    }
+    if !dry_run {
+        check_text("reason", reason)?;
+        check_text("by", by)?;
+        if reason.trim().is_empty() {
+            return Err(RedriveError::NoReason.into());
+        }
+    }
+    let step = (rate as i64).min(1000);
+    let (mut after, mut redriven) = (0i64, 0u64);
+    let mut next = tokio::time::Instant::now();
+    loop {
+        let ids = store.redrive_candidates(filter, after, step).await?;
+        let Some(&last) = ids.last() else { break };
+        after = last;
+        if dry_run {
+            redriven += ids.len() as u64;
+            continue;
+        }
+        tokio::time::sleep_until(next).await;
+        next = tokio::time::Instant::now()
+            + std::time::Duration::from_secs_f64(ids.len() as f64 / rate as f64);
+        redriven += store.redrive(&ids, reason, by).await?.len() as u64;
+    }
+    Ok(BulkRedriven {
+        filter: filter.describe(),
+        redriven,
+        dry_run,
+    })
+}

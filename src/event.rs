@@ -23,7 +23,14 @@ pub struct Event {
     pub max_attempts: Option<i32>,
     /// Destinations that already acknowledged this event.
     pub delivered_to: Vec<String>,
+    /// Sent again by this replay (`outboxd replay`), not delivered: destinations add
+    /// the `outbox-replay-id` header, so a consumer that dedupes on the tracking_id can
+    /// choose to apply it anyway.
+    pub replay_id: Option<i64>,
 }
+
+/// The header naming the replay that sent an event again (AMQP header and HTTP header).
+pub const REPLAY_HEADER: &str = "outbox-replay-id";
 
 /// Events leased by one claim, all under one `lock_token`.
 #[derive(Debug, Clone)]

@@ -9,6 +9,7 @@ use crate::dead_letters::{self, ListRequest, RequestError};
 use crate::events;
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::replay::{self, ReplayRequest};
 use crate::store::Store;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -30,6 +31,10 @@ pub struct AppState {
     pub health: Health,
     pub store: Store,
     pub admin_token: Secret,
+    /// The destinations this instance defines (a replay names one).
+    pub destinations: Vec<String>,
+    /// Wakes this instance's replayer when a replay is stored here.
+    pub replays: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// Binds `addr` now (so a taken port fails the start).
@@ -54,10 +59,13 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
         .route("/api/dead-letters/{id}", get(show_event))
         .route("/api/events", get(list_events))
         .route("/api/events/{event}", get(find_event))
+        .route("/api/replays", get(list_replays).post(start_replay))
+        .route("/api/replays/{id}", get(show_replay))
+        .route("/api/replays/{id}/cancel", post(cancel_replay))
         .fallback(|| async {
             problem(
                 StatusCode::NOT_FOUND,
-                "no such endpoint: /metrics, /healthz, /readyz, /api/dead-letters, /api/dead-letters/ID, POST /api/dead-letters/redrive, POST /api/dead-letters/discard, /api/events?aggregate=TYPE:ID, /api/events/TRACKING_ID",
+                "no such endpoint: /metrics, /healthz, /readyz, /api/dead-letters, /api/dead-letters/ID, POST /api/dead-letters/redrive, POST /api/dead-letters/discard, /api/events?aggregate=TYPE:ID, /api/events/TRACKING_ID, /api/replays, POST /api/replays, /api/replays/ID, POST /api/replays/ID/cancel",
             )
         })
         .with_state(state);
@@ -67,12 +75,12 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: Cancellatio
     if api_off {
         tracing::info!(
             %address,
-            "serving /metrics, /healthz and /readyz; the operator API (/api/dead-letters, /api/events) is off (no http.admin_token)"
+            "serving /metrics, /healthz and /readyz; the operator API (/api/dead-letters, /api/events, /api/replays) is off (no http.admin_token)"
         );
     } else {
         tracing::info!(
             %address,
-            "serving /metrics, /healthz, /readyz, /api/dead-letters and /api/events"
+            "serving /metrics, /healthz, /readyz, /api/dead-letters, /api/events and /api/replays"
         );
     }
     let result = axum::serve(listener, app)
@@ -130,7 +138,7 @@ fn authorize(headers: &HeaderMap, token: &Secret) -> Result<(), Refusal> {
     if expected.is_empty() {
         return Err(Refusal(
             StatusCode::FORBIDDEN,
-            "the dead-letter API is off: set http.admin_token (OUTBOXD_HTTP_ADMIN_TOKEN)".into(),
+            "the operator API (dead letters, events, replays) is off: set http.admin_token (OUTBOXD_HTTP_ADMIN_TOKEN)".into(),
         ));
     }
     let given = headers
@@ -378,4 +386,90 @@ async fn discard(
         }
         Err(refused) => *refused,
     }
+}
+
+/// GET /api/replays: the newest replays, with their progress.
+async fn list_replays(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(refused) = authorize(&headers, &state.admin_token) {
+        return refused.into_response();
+    }
+    answer(replay::status(&state.store, None).await)
+}
+
+/// GET /api/replays/ID.
+async fn show_replay(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    id: Result<Path<i64>, PathRejection>,
+) -> Response {
+    if let Err(refused) = authorize(&headers, &state.admin_token) {
+        return refused.into_response();
+    }
+    let Ok(Path(id)) = id else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "a replay id is a whole number: GET /api/replays/7",
+        );
+    };
+    answer(
+        replay::status(&state.store, Some(id))
+            .await
+            .map(|mut r| r.remove(0)),
+    )
+}
+
+/// POST /api/replays `{"destination", "from", "to", "event_type", "aggregate",
+/// "reason", "rate", "dry_run", "by"}`: stores a replay (or counts it, dry run).
+async fn start_replay(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<ReplayRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(refused) = authorize(&headers, &state.admin_token) {
+        return refused.into_response();
+    }
+    let Json(request) = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "expected {{\"destination\": \"webhook:NAME\", \"reason\": \"..\", and optionally \"from\", \"to\" (id or RFC 3339 time), \"event_type\", \"aggregate\" (TYPE or TYPE:ID), \"rate\" (events/s), \"dry_run\", \"by\"}}: {rejection}"
+                ),
+            );
+        }
+    };
+    let started = replay::start(&state.store, &state.destinations, &request).await;
+    if matches!(started, Ok(replay::Started::Stored { .. })) {
+        state.replays.notify_one();
+    }
+    answer(started)
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct CancelRequest {
+    #[serde(default)]
+    by: Option<String>,
+}
+
+/// POST /api/replays/ID/cancel `{"by": ".."}` (body optional).
+async fn cancel_replay(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    id: Result<Path<i64>, PathRejection>,
+    body: Option<Json<CancelRequest>>,
+) -> Response {
+    if let Err(refused) = authorize(&headers, &state.admin_token) {
+        return refused.into_response();
+    }
+    let Ok(Path(id)) = id else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "a replay id is a whole number: POST /api/replays/7/cancel",
+        );
+    };
+    let by = body
+        .and_then(|Json(b)| b.by)
+        .unwrap_or_else(|| "api".into());
+    answer(replay::cancel(&state.store, id, &by).await)
 }

@@ -22,6 +22,7 @@ pub mod notification;
 pub mod ordering;
 pub mod producer;
 pub mod relay;
+pub mod replay;
 pub mod retry;
 pub mod routing;
 pub mod secret;

@@ -10,8 +10,9 @@ use crate::store::operations::Gauges;
 use crate::store::partitions::PartitionReport;
 use crate::store::retention::RetentionReport;
 use crate::store::{Reaped, Store, StoreError};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::{Instant, MissedTickBehavior, interval_at};
 use tokio_util::sync::CancellationToken;
 
@@ -74,6 +75,8 @@ pub struct GaugeRefresher {
     every: Duration,
     metrics: Metrics,
     health: Health,
+    /// Woken when a replay is running (the replayer asks nothing itself while idle).
+    replays: Option<Arc<Notify>>,
 }
 
 impl GaugeRefresher {
@@ -83,7 +86,14 @@ impl GaugeRefresher {
             every,
             metrics,
             health,
+            replays: None,
         }
+    }
+
+    /// Wakes `replays` whenever the gauges count a running replay.
+    pub fn waking_replays(mut self, replays: Arc<Notify>) -> Self {
+        self.replays = Some(replays);
+        self
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -108,6 +118,32 @@ impl GaugeRefresher {
                 self.metrics
                     .default_partition_rows
                     .set(gauges.default_partition_rows);
+                self.metrics.replays_running.set(gauges.replays_running);
+                self.metrics
+                    .partition_dead_tuples
+                    .set(gauges.partition_dead_tuples);
+                self.metrics.xmin_horizon_age.set(gauges.xmin_horizon_age);
+                self.metrics
+                    .oldest_transaction_age
+                    .set(gauges.oldest_transaction_age_seconds);
+                // A slot dropped since the last read leaves no stale series behind.
+                self.metrics.slot_xmin_age.reset();
+                self.metrics.slot_retained_wal.reset();
+                for slot in &gauges.replication_slots {
+                    self.metrics
+                        .slot_xmin_age
+                        .with_label_values(&[&slot.slot])
+                        .set(slot.xmin_age);
+                    self.metrics
+                        .slot_retained_wal
+                        .with_label_values(&[&slot.slot])
+                        .set(slot.wal_bytes);
+                }
+                if gauges.replays_running > 0
+                    && let Some(replays) = &self.replays
+                {
+                    replays.notify_one();
+                }
                 self.health.database_answered();
                 Ok(gauges)
             }

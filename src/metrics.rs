@@ -4,7 +4,7 @@
 
 use crate::relay::Sweep;
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -89,6 +89,12 @@ pub struct Metrics {
     pub high_load_mode: IntGauge,
     pub high_load_switches: IntCounterVec,
     pub high_load_claims: IntCounter,
+    pub replays_running: IntGauge,
+    pub partition_dead_tuples: IntGauge,
+    pub xmin_horizon_age: IntGauge,
+    pub oldest_transaction_age: Gauge,
+    pub slot_xmin_age: IntGaugeVec,
+    pub slot_retained_wal: GaugeVec,
 }
 
 impl Default for Metrics {
@@ -187,6 +193,42 @@ impl Metrics {
                 "Events claimed by a sweep rather than by a notification.",
             ),
             &["sweep"],
+        )
+        .expect("metric");
+        let replays_running = IntGauge::new(
+            "outbox_replays_running",
+            "Replays (outboxd replay) waiting for an instance or being sent.",
+        )
+        .expect("metric");
+        let partition_dead_tuples = IntGauge::new(
+            "outbox_partition_dead_tuples",
+            "Dead row versions in the outbox partitions, not yet vacuumed (statistics collector).",
+        )
+        .expect("metric");
+        let xmin_horizon_age = IntGauge::new(
+            "outbox_xmin_horizon_age_transactions",
+            "Age in transactions of the oldest snapshot a session or prepared transaction of this database holds: vacuum cannot remove rows deleted after it.",
+        )
+        .expect("metric");
+        let oldest_transaction_age = Gauge::new(
+            "outbox_oldest_transaction_age_seconds",
+            "Seconds since the oldest open transaction of this database (another session's) began.",
+        )
+        .expect("metric");
+        let slot_xmin_age = IntGaugeVec::new(
+            Opts::new(
+                "outbox_replication_slot_xmin_age_transactions",
+                "Age in transactions of the xmin (catalog_xmin for a logical slot) a replication slot keeps.",
+            ),
+            &["slot"],
+        )
+        .expect("metric");
+        let slot_retained_wal = GaugeVec::new(
+            Opts::new(
+                "outbox_replication_slot_retained_wal_bytes",
+                "WAL the server keeps for a replication slot.",
+            ),
+            &["slot"],
         )
         .expect("metric");
         let default_partition_rows = IntGauge::new(
@@ -289,6 +331,12 @@ impl Metrics {
             Box::new(fenced_outcomes.clone()),
             Box::new(sweep_recovered.clone()),
             Box::new(default_partition_rows.clone()),
+            Box::new(replays_running.clone()),
+            Box::new(partition_dead_tuples.clone()),
+            Box::new(xmin_horizon_age.clone()),
+            Box::new(oldest_transaction_age.clone()),
+            Box::new(slot_xmin_age.clone()),
+            Box::new(slot_retained_wal.clone()),
             Box::new(destination_circuit_open.clone()),
             Box::new(unrouted.clone()),
             Box::new(events_pending.clone()),
@@ -336,6 +384,12 @@ impl Metrics {
             fenced_outcomes,
             sweep_recovered,
             default_partition_rows,
+            replays_running,
+            partition_dead_tuples,
+            xmin_horizon_age,
+            oldest_transaction_age,
+            slot_xmin_age,
+            slot_retained_wal,
             destination_circuit_open,
             unrouted,
             events_pending,

@@ -9,8 +9,11 @@ use crate::listener::Listener;
 use crate::maintenance::{GaugeRefresher, PartitionKeeper, Reaper};
 use crate::metrics::Metrics;
 use crate::relay::Relay;
+use crate::replay::Replayer;
 use crate::store::{Store, StoreError};
 use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::Notify;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -77,12 +80,14 @@ impl Outboxd {
             crate::sink::build(&config.destinations(), &router.destinations(), &metrics)
                 .map_err(StartError::Destination)?;
         let health = Health::new(config.http.gauge_refresh_interval, destinations.clone());
+        let replays = Arc::new(Notify::new());
         let gauges = GaugeRefresher::new(
             store.clone(),
             config.http.gauge_refresh_interval,
             metrics.clone(),
             health.clone(),
-        );
+        )
+        .waking_replays(replays.clone());
         if let Err(error) = gauges.run_once().await {
             tracing::error!(%error, "could not read the gauges at start");
         }
@@ -104,6 +109,9 @@ impl Outboxd {
                 }
             });
         }
+        let replayer = Replayer::new(store.clone(), &destinations, name.clone(), replays.clone());
+        let destination_names: Vec<String> =
+            destinations.iter().map(|d| d.name().to_string()).collect();
         let relay = Relay::new(
             store.clone(),
             router,
@@ -120,6 +128,7 @@ impl Outboxd {
             metrics.clone(),
         ));
         tasks.spawn(relay.run(shutdown.clone()));
+        tasks.spawn(replayer.run(shutdown.clone()));
         let reaper = Reaper::new(
             store.clone(),
             config.relay.lease,
@@ -138,6 +147,8 @@ impl Outboxd {
                 health: health.clone(),
                 store: store.clone(),
                 admin_token: config.http.admin_token.clone(),
+                destinations: destination_names,
+                replays,
             };
             tasks.spawn(crate::http::serve(http, state, shutdown.clone()));
         }

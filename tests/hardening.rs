@@ -798,6 +798,7 @@ async fn confirms_that_arrived_before_a_timeout_still_count() {
         attempts: 1,
         max_attempts: None,
         delivered_to: vec![],
+        replay_id: None,
     };
     let small = event("{}".into());
     let large = event(format!("\"{}\"", "x".repeat(4 * 1024 * 1024)));

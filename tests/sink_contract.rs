@@ -71,6 +71,7 @@ fn event(event_type: &str, payload: String) -> Event {
         attempts: 1,
         max_attempts: None,
         delivered_to: vec![],
+        replay_id: None,
     }
 }
 

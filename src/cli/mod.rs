@@ -1,6 +1,7 @@
 //! The command line: `outboxd run`, `outboxd migrate`, `outboxd status`. Exit codes:
 //! 0 done, 1 a runtime failure (database unreachable...), 2 bad usage or configuration.
 
+mod replay;
 mod retention;
 
 use crate::config::{Config, ConfigError};
@@ -85,6 +86,9 @@ pub enum Command {
     /// Daily partitions: what retention will do with each, and a maintenance pass now.
     #[command(subcommand)]
     Partitions(retention::PartitionsCommand),
+    /// Send already published events again to one destination (a stored job the
+    /// running instances execute), or `replay status` / `replay cancel`.
+    Replay(replay::ReplayArgs),
     /// Check the configuration, or show it.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -176,13 +180,33 @@ pub enum DeadLettersCommand {
         json: bool,
     },
     /// Send dead letters again (attempts reset, same tracking_id, only to destinations
-    /// that never acknowledged them). Recorded with the reason and who asked.
+    /// that never acknowledged them). Recorded with the reason and who asked. Name them
+    /// by id, or by a filter (every undiscarded dead letter it matches, at --rate a
+    /// second; two redrives of one filter move each dead letter once).
     Redrive {
         /// A dead letter's id; repeat for several.
-        #[arg(long = "id", required = true)]
+        #[arg(long = "id")]
         ids: Vec<i64>,
-        /// What was fixed, so that the event can pass now (required).
+        /// Filter: from this id or time (RFC 3339), inclusive.
+        #[arg(long, conflicts_with = "ids")]
+        from: Option<String>,
+        /// Filter: to this id (inclusive) or time (exclusive).
+        #[arg(long, conflicts_with = "ids")]
+        to: Option<String>,
+        /// Filter: this event type (`*` matches any run of characters).
+        #[arg(long, conflicts_with = "ids")]
+        event_type: Option<String>,
+        /// Filter: TYPE or TYPE:ID.
+        #[arg(long, conflicts_with = "ids")]
+        aggregate: Option<String>,
+        /// With a filter: count the dead letters it names, send nothing.
         #[arg(long)]
+        dry_run: bool,
+        /// With a filter: dead letters a second, at most.
+        #[arg(long, default_value_t = crate::replay::DEFAULT_RATE)]
+        rate: u32,
+        /// What was fixed, so that the event can pass now (required).
+        #[arg(long, default_value = "")]
         reason: String,
         /// Who asks (default: $USER, else $LOGNAME, else cli@HOST).
         #[arg(long)]
@@ -410,6 +434,7 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
         Command::Events(command) => events_command(&config, command).await,
         Command::Ordering(command) => ordering_command(&config, command).await,
         Command::Partitions(command) => retention::command(&config, command).await,
+        Command::Replay(args) => replay::command(&config, args).await,
         Command::Demo { events } => demo_command(config, events).await,
         Command::Config(_) | Command::AlertRules { .. } => {
             unreachable!("answered before the config is loaded")
@@ -745,8 +770,55 @@ async fn dead_letters_command(config: &Config, command: DeadLettersCommand) -> R
             }
             print_event(&event);
         }
-        DeadLettersCommand::Redrive { ids, reason, by } => {
+        DeadLettersCommand::Redrive {
+            ids,
+            from,
+            to,
+            event_type,
+            aggregate,
+            dry_run,
+            rate,
+            reason,
+            by,
+        } => {
             let by = by.unwrap_or_else(who_asks);
+            let filtered =
+                from.is_some() || to.is_some() || event_type.is_some() || aggregate.is_some();
+            if ids.is_empty() && !filtered {
+                return Err(Failure {
+                    code: 2,
+                    message: "name the dead letters: --id ID (repeat for several), or a filter: --from, --to (id or time), --event-type, --aggregate".into(),
+                });
+            }
+            if filtered {
+                let filter = crate::replay::parse_filter(
+                    from.as_deref(),
+                    to.as_deref(),
+                    event_type.as_deref(),
+                    aggregate.as_deref(),
+                )?;
+                let done =
+                    dead_letters::redrive_matching(&store, &filter, &reason, &by, rate, dry_run)
+                        .await?;
+                if dry_run {
+                    println!(
+                        "dry run: {} dead letter(s) match ({}); nothing was sent",
+                        done.redriven, done.filter
+                    );
+                } else {
+                    println!(
+                        "redriven: {} dead letter(s) ({})",
+                        done.redriven, done.filter
+                    );
+                }
+                return Ok(());
+            }
+            if dry_run {
+                return Err(Failure {
+                    code: 2,
+                    message: "--dry-run counts what a filter names; with --id, list them instead: outboxd dead-letters show ID".into(),
+                });
+            }
             let done = dead_letters::redrive(&store, &ids, &reason, &by).await?;
             println!("redriven: {:?}", done.redriven);
             if !done.not_dead_letters.is_empty() {

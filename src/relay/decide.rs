@@ -127,6 +127,7 @@ mod tests {
             attempts,
             max_attempts,
             delivered_to: vec![],
+            replay_id: None,
         }
     }
 

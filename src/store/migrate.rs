@@ -119,6 +119,13 @@ pub const MIGRATIONS: &[Migration] = &[
         adds: "table outbox_attempts",
         sql: include_str!("../../migrations/0013_delivery_history.sql"),
     },
+    Migration {
+        version: 14,
+        name: "replays",
+        present: "to_regclass('outbox_replays') IS NOT NULL",
+        adds: "table outbox_replays",
+        sql: include_str!("../../migrations/0014_replays.sql"),
+    },
 ];
 
 /// Indexes of the partitioned outbox that migrations create on the parent alone and

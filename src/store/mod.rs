@@ -13,6 +13,7 @@ pub mod listen;
 pub mod migrate;
 pub mod operations;
 pub mod partitions;
+pub mod replays;
 pub mod retention;
 pub mod tls;
 
@@ -931,7 +932,7 @@ fn pool_error_text(error: &deadpool_postgres::PoolError) -> String {
     }
 }
 
-fn event_from_row(row: &tokio_postgres::Row) -> Event {
+pub(crate) fn event_from_row(row: &tokio_postgres::Row) -> Event {
     let metadata: String = row.get(7);
     Event {
         id: row.get(0),
@@ -945,5 +946,6 @@ fn event_from_row(row: &tokio_postgres::Row) -> Event {
         attempts: row.get(8),
         max_attempts: row.get(9),
         delivered_to: row.get(10),
+        replay_id: None,
     }
 }

@@ -15,7 +15,7 @@ const FIND_TRACKING_ID: &str = include_str!("../../sql/find_tracking_id.sql");
 const LIST_AGGREGATE_EVENTS: &str = include_str!("../../sql/list_aggregate_events.sql");
 
 /// Numbers true across every instance, read from the database.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Gauges {
     pub pending: i64,
     pub oldest_pending_age_seconds: f64,
@@ -26,6 +26,26 @@ pub struct Gauges {
     pub held: i64,
     /// Dead letters holding back later events of their aggregate.
     pub dead_letters_blocking: i64,
+    /// Replays waiting for or being sent.
+    pub replays_running: i64,
+    /// Dead row versions in outbox's partitions.
+    pub partition_dead_tuples: i64,
+    /// Age in transactions of the oldest snapshot this database's sessions hold.
+    pub xmin_horizon_age: i64,
+    /// Seconds since the oldest open transaction of this database began.
+    pub oldest_transaction_age_seconds: f64,
+    /// Replication slots: what each holds back.
+    pub replication_slots: Vec<SlotGauge>,
+}
+
+/// What one replication slot holds back.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct SlotGauge {
+    pub slot: String,
+    /// Age in transactions of the xmin (catalog_xmin for a logical slot) it keeps.
+    pub xmin_age: i64,
+    /// WAL kept for it, in bytes.
+    pub wal_bytes: f64,
 }
 
 /// Which dead letters to list.
@@ -100,6 +120,8 @@ pub struct EventDetail {
     pub redrives: Vec<Redrive>,
     /// Failed attempts, oldest first (the delivery history).
     pub failed_attempts: Vec<super::history::Attempt>,
+    /// Replays that sent it again.
+    pub replays: Vec<super::replays::Replay>,
     /// Everything above in the order it happened: committed, each failed attempt,
     /// redrives and discards, published or dead-lettered.
     pub story: Vec<StoryStep>,
@@ -111,7 +133,7 @@ pub struct StoryStep {
     #[serde(serialize_with = "rfc3339")]
     pub at: SystemTime,
     /// `committed`, `attempt_failed`, `redriven`, `discarded`, `published`,
-    /// `dead_lettered`.
+    /// `dead_lettered`, `replayed`.
     pub step: &'static str,
     pub detail: String,
 }
@@ -154,6 +176,16 @@ impl EventDetail {
                     "redriven"
                 },
                 detail: format!("by {}: {}", r.by, r.reason),
+            });
+        }
+        for r in &self.replays {
+            story.push(StoryStep {
+                at: r.started_at.unwrap_or(r.requested_at),
+                step: "replayed",
+                detail: format!(
+                    "replay {} to {} ({}), asked by {}: {}",
+                    r.id, r.destination, r.status, r.requested_by, r.reason
+                ),
             });
         }
         if let Some(at) = self.processed_at {
@@ -254,6 +286,11 @@ impl Store {
             default_partition_rows: row.get(4),
             held: row.get(5),
             dead_letters_blocking: row.get(6),
+            replays_running: row.get(7),
+            partition_dead_tuples: row.get(8),
+            xmin_horizon_age: row.get(9),
+            oldest_transaction_age_seconds: row.get(10),
+            replication_slots: serde_json::from_str(row.get::<_, &str>(11)).unwrap_or_default(),
         })
     }
 
@@ -320,6 +357,10 @@ impl Store {
             .collect();
         drop(client);
         let failed_attempts = self.attempts_of(id).await?;
+        let delivered_to: Vec<String> = r.get(14);
+        let replays = self
+            .replays_of(id, r.get(1), r.get(4), (r.get(5), r.get(6)), &delivered_to)
+            .await?;
         let json = |text: String| serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
         let mut event = EventDetail {
             id: r.get(0),
@@ -339,6 +380,7 @@ impl Store {
             delivered_to: r.get(14),
             redrives,
             failed_attempts,
+            replays,
             story: Vec::new(),
         };
         event.story = event.tell();

@@ -109,6 +109,13 @@ pub fn build(
         AMQPValue::LongLongInt(event.id),
         8,
     );
+    if let Some(replay) = event.replay_id {
+        add(
+            ShortString::try_new(crate::event::REPLAY_HEADER).expect("a literal under 255 bytes"),
+            AMQPValue::LongLongInt(replay),
+            8,
+        );
+    }
     if size + FRAME_OVERHEAD > frame_max {
         return Err(format!(
             "its headers (metadata, aggregate_type, aggregate_id) take {size} bytes; with the frame's own {FRAME_OVERHEAD} they do not fit in one AMQP frame of {frame_max} bytes (the broker's frame_max), and the broker would close the connection; keep metadata small"
@@ -162,6 +169,7 @@ mod tests {
             attempts: 1,
             max_attempts: None,
             delivered_to: vec![],
+            replay_id: None,
         }
     }
 

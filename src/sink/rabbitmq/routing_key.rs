@@ -80,6 +80,7 @@ mod tests {
             attempts: 1,
             max_attempts: None,
             delivered_to: vec![],
+            replay_id: None,
         }
     }
 

@@ -123,15 +123,16 @@ impl WebhookSink {
             .unwrap_or_default()
             .as_secs();
         let signature = sign(&self.keys, &id, timestamp, &body);
-        let sent = self
+        let mut request = self
             .client
             .post(self.url.clone())
             .header("webhook-id", &id)
             .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", signature)
-            .body(body)
-            .send()
-            .await;
+            .header("webhook-signature", signature);
+        if let Some(replay) = event.replay_id {
+            request = request.header(crate::event::REPLAY_HEADER, replay.to_string());
+        }
+        let sent = request.body(body).send().await;
         let mut response = match sent {
             Ok(response) => response,
             Err(error) => {
@@ -271,6 +272,7 @@ mod tests {
             attempts: 1,
             max_attempts: None,
             delivered_to: vec![],
+            replay_id: None,
         };
         let json: serde_json::Value = serde_json::from_slice(&body(&event)).unwrap();
         assert_eq!(
