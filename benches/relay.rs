@@ -45,6 +45,11 @@ struct Settings {
     idle_for: Duration,
     outage_backlog: usize,
     outage_for: Duration,
+    /// Retention: rows in each dropped partition and in DEFAULT; five times as many
+    /// for the disk measure.
+    retention_rows: i64,
+    /// Expired partitions dropped while producers insert.
+    retention_drops: i32,
 }
 
 impl Settings {
@@ -74,6 +79,8 @@ impl Settings {
             idle_for: Duration::from_secs(60),
             outage_backlog: 20_000,
             outage_for: Duration::from_secs(60),
+            retention_rows: 200_000,
+            retention_drops: 5,
         }
     }
 
@@ -97,6 +104,8 @@ impl Settings {
             idle_for: Duration::from_secs(5),
             outage_backlog: 2_000,
             outage_for: Duration::from_secs(5),
+            retention_rows: 20_000,
+            retention_drops: 3,
         }
     }
 
@@ -117,6 +126,8 @@ impl Settings {
             idle_for: Duration::from_secs(2),
             outage_backlog: 500,
             outage_for: Duration::from_secs(2),
+            retention_rows: 2_000,
+            retention_drops: 2,
             ..Settings::quick()
         }
     }
@@ -1400,7 +1411,278 @@ async fn run(s: &Settings) -> (Table, bool) {
             "x",
         );
     }
+    if s.wants("retention") {
+        t.section(&format!(
+            "retention: two producers commit one event a transaction back to back; first alone, then while {} expired partitions of {} PUBLISHED rows each are dropped (partitions.retention); insert latency",
+            s.retention_drops, s.retention_rows
+        ));
+        let (alone, dropping, held) = retention_impact(s.retention_rows, s.retention_drops).await;
+        for (label, values) in [("alone", &alone), ("during the drops", &dropping)] {
+            t.add(
+                format!("insert p50, {label}"),
+                values.len(),
+                quantile(values, 0.5),
+                "ms",
+            );
+            t.add(
+                format!("insert p99, {label}"),
+                values.len(),
+                quantile(values, 0.99),
+                "ms",
+            );
+            t.add(
+                format!("insert max, {label}"),
+                values.len(),
+                quantile(values, 1.0),
+                "ms",
+            );
+        }
+        t.add(
+            "lock on outbox held per drop (median)",
+            held.len(),
+            median(&held),
+            "ms",
+        );
+        t.add(
+            "lock on outbox held per drop (max)",
+            held.len(),
+            quantile(&held, 1.0),
+            "ms",
+        );
+
+        t.section(&format!(
+            "DEFAULT emptied: {} rows of a day without a partition (3% still PENDING) moved into their own while a claimer claims back to back; claim latency",
+            s.retention_rows
+        ));
+        let (before, during, locked, copied) = default_move(s.retention_rows).await;
+        t.add(
+            "claim p99, before",
+            before.len(),
+            quantile(&before, 0.99),
+            "ms",
+        );
+        t.add(
+            "claim max, before",
+            before.len(),
+            quantile(&before, 1.0),
+            "ms",
+        );
+        t.add(
+            "claim p99, while moving",
+            during.len(),
+            quantile(&during, 0.99),
+            "ms",
+        );
+        t.add(
+            "claim max, while moving",
+            during.len(),
+            quantile(&during, 1.0),
+            "ms",
+        );
+        t.add("rows copied in batches (unlocked)", 1, copied, "rows");
+        t.add("locked step (claims of DEFAULT wait)", 1, locked, "ms");
+
+        t.section(&format!(
+            "disk: {} events of the benchmark's payload in one day's partition, with their tracking_id records",
+            s.retention_rows * 5
+        ));
+        let (inserted, relayed) = disk_per_event(s.retention_rows * 5).await;
+        t.add(
+            "per million events, inserted as PUBLISHED",
+            1,
+            inserted,
+            "MB",
+        );
+        t.add(
+            "per million events, after claim and complete, vacuumed",
+            1,
+            relayed,
+            "MB",
+        );
+    }
     (t, ok)
+}
+
+/// Partitions of the UTC days `first..first + n` days ago, each filled with `rows`
+/// PUBLISHED events.
+async fn old_partitions(db: &TestDb, first: i32, n: i32, rows: i64) {
+    let client = db.client().await;
+    for days_ago in first..first + n {
+        client
+            .batch_execute(&format!(
+                "DO $$
+                 DECLARE d date := (now() AT TIME ZONE 'UTC')::date - {days_ago};
+                 BEGIN
+                   EXECUTE format('CREATE TABLE %I PARTITION OF outbox FOR VALUES FROM (%L) TO (%L)',
+                                  'outbox_p' || to_char(d, 'YYYYMMDD'),
+                                  d::timestamp AT TIME ZONE 'UTC', (d + 1)::timestamp AT TIME ZONE 'UTC');
+                 END $$;
+                 INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, status, created_at,
+                                     processed_at, delivered_to)
+                 SELECT 'order', g::text, 'order.created', jsonb_build_object('n', g, 'total', 12.5),
+                        'PUBLISHED',
+                        ((now() AT TIME ZONE 'UTC')::date - {days_ago})::timestamp AT TIME ZONE 'UTC'
+                          + interval '1 hour' + g * interval '10 ms',
+                        now(), '{{rabbitmq}}'
+                   FROM generate_series(1, {rows}) AS g;"
+            ))
+            .await
+            .expect("old partition");
+    }
+}
+
+/// Insert latencies (ms) of two producers alone and while `drops` expired partitions of
+/// `rows` rows are dropped, and how long each drop held the lock (ms).
+async fn retention_impact(rows: i64, drops: i32) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let db = TestDb::new().await;
+    old_partitions(&db, 30, drops, rows).await;
+    let store = support::store(&support::config_for(&db.url, &TestBroker::new(None).await)).await;
+    let phase = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let mut producers = Vec::new();
+    for p in 0..2 {
+        let client = db.client().await;
+        let phase = phase.clone();
+        producers.push(tokio::spawn(async move {
+            let mut seen: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+            let mut n = 0u64;
+            loop {
+                let now = phase.load(std::sync::atomic::Ordering::SeqCst);
+                if now > 1 {
+                    return seen;
+                }
+                let started = Instant::now();
+                outboxd::enqueue(
+                    &client,
+                    &outboxd::NewEvent::new(
+                        "order",
+                        format!("{p}-{n}"),
+                        "order.created",
+                        serde_json::json!({ "n": n, "total": 12.5 }),
+                    ),
+                )
+                .await
+                .expect("insert during a drop");
+                seen[now as usize].push(started.elapsed().as_secs_f64() * 1000.0);
+                n += 1;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    phase.store(1, std::sync::atomic::Ordering::SeqCst);
+    let report = store
+        .maintain_partitions(
+            Duration::from_secs(7 * 86400),
+            outboxd::config::OnExpiry::Drop,
+            "bench",
+        )
+        .await
+        .expect("retention pass");
+    assert_eq!(report.expired.len(), drops as usize, "{report:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    phase.store(2, std::sync::atomic::Ordering::SeqCst);
+    let (mut alone, mut dropping) = (Vec::new(), Vec::new());
+    for producer in producers {
+        let [a, d] = producer.await.expect("producer");
+        alone.extend(a);
+        dropping.extend(d);
+    }
+    (alone, dropping, report.lock_held_ms)
+}
+
+/// Claim latencies (ms) before and while `rows` rows of one day move out of DEFAULT,
+/// how long the locked step took (ms) and how many rows were copied unlocked.
+async fn default_move(rows: i64) -> (Vec<f64>, Vec<f64>, f64, f64) {
+    let db = TestDb::new().await;
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, status,
+                                 created_at, next_attempt_at, processed_at, delivered_to)
+             SELECT 'order', g::text, 'order.created', jsonb_build_object('n', g, 'total', 12.5),
+                    CASE WHEN g % 33 = 0 THEN 'PENDING' ELSE 'PUBLISHED' END,
+                    now() + interval '40 days' + g * interval '1 ms', now() + interval '1 day',
+                    CASE WHEN g % 33 = 0 THEN NULL ELSE now() - interval '1 hour' END,
+                    CASE WHEN g % 33 = 0 THEN '{}'::text[] ELSE '{rabbitmq}' END
+               FROM generate_series(1, $1::int8) AS g",
+            &[&rows],
+        )
+        .await
+        .expect("rows in DEFAULT");
+    let config = support::config_for(&db.url, &TestBroker::new(None).await);
+    let store = support::store(&config).await;
+    let claimer_store = support::store(&config).await;
+    let phase = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let seen_phase = phase.clone();
+    let claimer = tokio::spawn(async move {
+        let mut seen: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        loop {
+            let now = seen_phase.load(std::sync::atomic::Ordering::SeqCst);
+            if now > 1 {
+                return seen;
+            }
+            let started = Instant::now();
+            claimer_store
+                .claim_due(
+                    100,
+                    Duration::ZERO,
+                    Duration::from_secs(60),
+                    &outboxd::store::ClaimFilter::ALL,
+                )
+                .await
+                .expect("claim");
+            seen[now as usize].push(started.elapsed().as_secs_f64() * 1000.0);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    phase.store(1, std::sync::atomic::Ordering::SeqCst);
+    let report = store.empty_default().await.expect("empty DEFAULT");
+    phase.store(2, std::sync::atomic::Ordering::SeqCst);
+    let [before, during] = claimer.await.expect("claimer");
+    let moved = report.moved.first().expect("a day moved");
+    (before, during, moved.locked_ms, moved.copied as f64)
+}
+
+/// Bytes per event (= MB per million events) in one day's partition (indexes included) and its share of
+/// outbox_tracking_ids: inserted as PUBLISHED, and after the relay's two updates per
+/// event (claim, complete) and a VACUUM.
+async fn disk_per_event(n: i64) -> (f64, f64) {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let size = async || -> f64 {
+        let bytes: i64 = client
+            .query_one(
+                "SELECT pg_total_relation_size('outbox_p' || to_char((now() AT TIME ZONE 'UTC')::date - 20, 'YYYYMMDD'))
+                      + pg_total_relation_size('outbox_tracking_ids')",
+                &[],
+            )
+            .await
+            .expect("sizes")
+            .get(0);
+        bytes as f64 / n as f64
+    };
+    old_partitions(&db, 20, 1, n).await;
+    client
+        .batch_execute("VACUUM ANALYZE outbox_tracking_ids")
+        .await
+        .expect("vacuum");
+    let inserted = size().await;
+    // One statement each: VACUUM runs outside a transaction block.
+    for statement in [
+        "UPDATE outbox SET status = 'PENDING', processed_at = NULL",
+        "VACUUM outbox",
+        "UPDATE outbox SET status = 'PROCESSING', locked_until = now() + interval '1 minute',
+                          lock_token = gen_random_uuid(), attempts = 1",
+        "UPDATE outbox SET status = 'PUBLISHED', processed_at = now(), locked_until = NULL,
+                          lock_token = NULL",
+        "VACUUM outbox",
+    ] {
+        client
+            .batch_execute(statement)
+            .await
+            .expect("relay's updates");
+    }
+    (inserted, size().await)
 }
 
 fn median(values: &[f64]) -> f64 {

@@ -764,6 +764,28 @@ mod tests {
 
         let error = Config::load(None, env(&[("OUTBOXD_RABBITMQ_URL", "http://x")])).unwrap_err();
         assert!(error.to_string().contains("rabbitmq.url"), "{error}");
+
+        let error =
+            Config::load(None, env(&[("OUTBOXD_PARTITIONS_RETENTION", "12h")])).unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("partitions.retention"), "{text}");
+        assert!(text.contains("at least 1d"), "{text}");
+        let error =
+            Config::load(None, env(&[("OUTBOXD_PARTITIONS_ON_EXPIRY", "archive")])).unwrap_err();
+        assert!(
+            error.to_string().contains("partitions.on_expiry"),
+            "{error}"
+        );
+        let (config, _) = Config::load(
+            None,
+            env(&[
+                ("OUTBOXD_PARTITIONS_RETENTION", "30d"),
+                ("OUTBOXD_PARTITIONS_ON_EXPIRY", "detach"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.partitions.retention, Duration::from_secs(30 * 86400));
+        assert_eq!(config.partitions.on_expiry, OnExpiry::Detach);
     }
 
     #[test]

@@ -155,6 +155,9 @@ impl GaugeRefresher {
     }
 }
 
+/// The partition keeper's first pass after start.
+const FIRST_PASS_AFTER: Duration = Duration::from_secs(60);
+
 /// Keeps daily partitions created `days_ahead`, empties DEFAULT into its days'
 /// partitions and drops (or detaches) the expired ones.
 pub struct PartitionKeeper {
@@ -182,9 +185,15 @@ impl PartitionKeeper {
         }
     }
 
-    /// A first pass at once (in the background: DEFAULT emptied and retention do not
-    /// hold up the start), then one every `partitions.check_interval`.
+    /// A first pass a minute after start (or after `partitions.check_interval`, if
+    /// shorter: the start only creates the partitions ahead, and instances restarted
+    /// together do not all maintain at once), then one every `check_interval`.
     pub async fn run(self, shutdown: CancellationToken) {
+        let first = FIRST_PASS_AFTER.min(self.config.check_interval);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(first) => {}
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             done = self.run_once() => if let Err(error) = done {

@@ -95,6 +95,14 @@ async fn store(db: &TestDb) -> Store {
     .unwrap()
 }
 
+/// The running instance's own partition keeper keeps every day: the test applies the
+/// retention itself, when it means to (else the keeper's first pass, at start, may drop
+/// a back-dated day before the test looks).
+fn keeping_everything(mut config: outboxd::Config) -> outboxd::Config {
+    config.partitions.retention = Duration::from_secs(3650 * 86400);
+    config
+}
+
 async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
@@ -170,7 +178,7 @@ async fn expired_partitions_go_once_finished_and_wait_while_an_event_is_pending(
         )
         .await
         .unwrap();
-    let service = start(support::config(&db, &broker)).await;
+    let service = start(keeping_everything(support::config(&db, &broker))).await;
     broker.wait_for(1, Duration::from_secs(20)).await;
     assert!(
         eventually(Duration::from_secs(10), async || db.count("PENDING").await
@@ -224,7 +232,7 @@ async fn a_dead_letter_from_a_dropped_day_is_still_listed_shown_and_redrivable()
     insert_on_day(&db, 12, 20, "PUBLISHED").await;
     // Committed on that day, buried now by the relay (a permanent 422).
     let dead = insert_on_day(&db, 12, 1, "PENDING").await[0];
-    let service = start(config).await;
+    let service = start(keeping_everything(config)).await;
     assert!(
         eventually(Duration::from_secs(20), async || db
             .count("DEAD_LETTER")
@@ -639,18 +647,8 @@ async fn rows_in_default_move_to_their_partition_and_are_delivered_once() {
         WebhookConfig::new(endpoint.url(), "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
     );
     config.routing.routes = vec![route(&["*"], &["webhook:billing"])];
-    let service = start(config).await;
-    // The keeper's first pass (at start) finds DEFAULT empty; wait until it let go.
+    let service = start(keeping_everything(config)).await;
     let store = store(&db).await;
-    assert!(
-        eventually(Duration::from_secs(10), async || scalar(
-            &db,
-            "SELECT count(*) FROM outbox_leases"
-        )
-        .await
-            == 0)
-        .await
-    );
     // A day 40 days ahead has no partition: its rows land in DEFAULT.
     let client = db.client().await;
     let ids: Vec<Uuid> = client
@@ -669,9 +667,20 @@ async fn rows_in_default_move_to_their_partition_and_are_delivered_once() {
         .map(|r| r.get(0))
         .collect();
     let pending: Vec<String> = ids[12000..].iter().map(Uuid::to_string).collect();
+    // And a second day: the first moves while another is left (its rows are deleted
+    // from DEFAULT one by one), the last alone (DEFAULT is truncated).
+    client
+        .batch_execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, status, created_at)
+             SELECT 'order', g::text, 'order.created', '{}', 'PUBLISHED',
+                    now() + interval '42 days' + g * interval '1 ms'
+               FROM generate_series(1, 50) AS g",
+        )
+        .await
+        .unwrap();
     assert_eq!(
         scalar(&db, "SELECT count(*) FROM outbox_default").await,
-        12300
+        12350
     );
     // Some are in flight now.
     endpoint
@@ -681,15 +690,22 @@ async fn rows_in_default_move_to_their_partition_and_are_delivered_once() {
         .maintain_partitions(WEEK, OnExpiry::Drop, "test")
         .await
         .unwrap();
-    assert_eq!(report.default.moved.len(), 1, "{report:?}");
+    assert_eq!(report.default.moved.len(), 2, "{report:?}");
     let moved = &report.default.moved[0];
     eprintln!(
         "moved {} rows in batches, {} in the locked step of {:.1} ms",
         moved.copied, moved.moved_locked, moved.locked_ms
     );
     assert_eq!(moved.copied + moved.moved_locked, 12300);
+    let second = &report.default.moved[1];
+    assert_eq!(second.copied + second.moved_locked, 50);
     assert_eq!(scalar(&db, "SELECT count(*) FROM outbox_default").await, 0);
     assert!(is_partition(&db, &moved.partition).await);
+    assert!(is_partition(&db, &second.partition).await);
+    assert_eq!(
+        scalar(&db, &format!("SELECT count(*) FROM {}", second.partition)).await,
+        50
+    );
 
     let hits = endpoint
         .wait_until(Duration::from_secs(60), |hits| hits.len() >= 300)
@@ -707,7 +723,7 @@ async fn rows_in_default_move_to_their_partition_and_are_delivered_once() {
         assert_eq!(seen.get(id), Some(&1), "{id} delivered once");
     }
     assert_eq!(seen.len(), 300, "the PUBLISHED rows were not sent");
-    assert_eq!(db.count("PUBLISHED").await, 12300);
+    assert_eq!(db.count("PUBLISHED").await, 12350);
     service.stop().await;
 }
 
@@ -724,4 +740,60 @@ async fn two_instances_racing_for_a_lease_agree_on_one_holder() {
         let (first, second) = (first.unwrap(), second.unwrap());
         assert_eq!(first, second, "round {round}: both see one holder");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_status_and_maintain_from_the_command_line() {
+    let db = TestDb::new().await;
+    let gone = old_partition(&db, 14).await;
+    let waits = old_partition(&db, 13).await;
+    insert_on_day(&db, 14, 30, "PUBLISHED").await;
+    insert_on_day(&db, 13, 1, "PENDING").await;
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).to_string(),
+        )
+    };
+    let (code, text) = cli(&["partitions", "status", "--json"]);
+    assert_eq!(code, Some(0), "{text}");
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(value["retention_seconds"], 7 * 86400);
+    let verdict = |name: &str| {
+        value["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .map(|p| p["verdict"].as_str().unwrap().to_string())
+    };
+    assert_eq!(verdict(&gone).as_deref(), Some("expire"));
+    assert_eq!(verdict(&waits).as_deref(), Some("wait"));
+
+    let (code, text) = cli(&["partitions", "maintain"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(&format!("{gone}: dropped")), "{text}");
+    assert!(text.contains(&format!("{waits}: expired, waits")), "{text}");
+    assert!(!is_partition(&db, &gone).await);
+
+    // While an instance holds the lease, the command says so and does nothing.
+    store(&db)
+        .await
+        .take_lease(PARTITIONS_LEASE, "host-b/42/x", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["partitions", "maintain"])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains("host-b/42/x is maintaining"), "{said}");
 }

@@ -112,6 +112,9 @@ pub struct RetentionReport {
     pub default: super::partitions::DefaultReport,
     /// Partitions dropped or detached.
     pub expired: Vec<String>,
+    /// For each of them, how long its transaction held the lock on outbox (producers
+    /// wait at most this long, plus the lock's wait), in milliseconds.
+    pub lock_held_ms: Vec<f64>,
     /// Expired partitions that wait, and why.
     pub waiting: Vec<(String, String)>,
     /// Expired partitions that could not be dropped this time (lock not granted), and why.
@@ -208,7 +211,8 @@ impl Store {
             let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
             loop {
                 match expire_one(&mut client, &partition, on_expiry).await {
-                    Ok(Verdict::Expire) => {
+                    Ok((Verdict::Expire, held)) => {
+                        report.lock_held_ms.push(held.as_secs_f64() * 1000.0);
                         tracing::info!(
                             partition = %partition.name,
                             bytes = partition.bytes,
@@ -223,11 +227,11 @@ impl Store {
                         report.tracking_ids_trimmed += trimmed;
                         break;
                     }
-                    Ok(Verdict::Wait(why)) => {
+                    Ok((Verdict::Wait(why), _)) => {
                         report.waiting.push((partition.name.clone(), why));
                         break;
                     }
-                    Ok(Verdict::Keep) => break,
+                    Ok((Verdict::Keep, _)) => break,
                     Err(error) => {
                         let code = error.code().map(|c| c.code().to_string());
                         let conflict = matches!(code.as_deref(), Some("55P03") | Some("40P01"));
@@ -280,12 +284,12 @@ fn state(r: &tokio_postgres::Row) -> PartitionState {
 
 /// Locks outbox, reads the partition again and drops (or detaches) it when it is still
 /// expired and finished, in one transaction under [`DROP_LOCK_TIMEOUT`]. Returns what it
-/// found: [`Verdict::Expire`] when it dropped it.
+/// found ([`Verdict::Expire`] when it dropped it) and how long it held the lock.
 async fn expire_one(
     client: &mut tokio_postgres::Client,
     partition: &PartitionState,
     on_expiry: OnExpiry,
-) -> Result<Verdict, tokio_postgres::Error> {
+) -> Result<(Verdict, Duration), tokio_postgres::Error> {
     let tx = client.transaction().await?;
     tx.batch_execute(&format!(
         "SET LOCAL lock_timeout = '{}ms'",
@@ -297,6 +301,7 @@ async fn expire_one(
     // until the commit below.
     tx.batch_execute("LOCK TABLE ONLY outbox IN ACCESS EXCLUSIVE MODE")
         .await?;
+    let locked = std::time::Instant::now();
     let name = quote_ident(&partition.name);
     tx.batch_execute(&format!("LOCK TABLE {name} IN ACCESS EXCLUSIVE MODE"))
         .await?;
@@ -308,12 +313,15 @@ async fn expire_one(
         .map(state);
     let Some(again) = again else {
         tx.rollback().await?;
-        return Ok(Verdict::Wait("no longer a partition of outbox".into()));
+        return Ok((
+            Verdict::Wait("no longer a partition of outbox".into()),
+            locked.elapsed(),
+        ));
     };
     let verdict = again.verdict();
     if verdict != Verdict::Expire {
         tx.rollback().await?;
-        return Ok(verdict);
+        return Ok((verdict, locked.elapsed()));
     }
     match on_expiry {
         OnExpiry::Drop => tx.batch_execute(&format!("DROP TABLE {name}")).await?,
@@ -323,7 +331,7 @@ async fn expire_one(
         }
     }
     tx.commit().await?;
-    Ok(Verdict::Expire)
+    Ok((Verdict::Expire, locked.elapsed()))
 }
 
 /// `name` as a quoted SQL identifier.
