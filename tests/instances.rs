@@ -162,9 +162,12 @@ async fn two_members_one_paused(
     broker: &TestBroker,
     heartbeat: &str,
 ) -> (Instance, Instance, Instant) {
+    // Alone, an instance beats only every ping_interval (30 s by default): the first
+    // learns of the second within 5 s here, not at the edge of wait_for_gauge's 30 s.
     let env = [
         NO_SAFETY_SWEEP,
         ("OUTBOXD_LISTENER_HEARTBEAT_INTERVAL", heartbeat),
+        ("OUTBOXD_LISTENER_PING_INTERVAL", "5s"),
     ];
     let running = Instance::start(&db.url, broker, &env);
     running.wait_running().await;
