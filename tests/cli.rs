@@ -1074,3 +1074,44 @@ async fn ordering_show_and_adopt_change_the_rule_the_database_keeps() {
     assert!(adopted.status.success(), "{}", stderr(&adopted));
     assert!(stdout(&adopted).contains("the database now keeps ordering = \"none\""));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_starting_ends_the_process_cleanly() {
+    // The database answers nothing (a stalled connection): the start waits for it when
+    // the orchestrator gives up and sends SIGTERM. Before the handler was in place from
+    // the first moment, the signal's default action killed the process (no exit code).
+    let db = TestDb::new().await;
+    let proxy = support::proxy::CountingProxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    proxy.stall(true);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["run", "--migrate"])
+        .env("DATABASE_URL", proxy.url(&db.name))
+        .env("OUTBOXD_DATABASE_CONNECT_TIMEOUT", "60s")
+        .env("OUTBOXD_HTTP_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(child.try_wait().unwrap().is_none(), "still starting");
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "outboxd did not end after SIGTERM while starting"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("stopped while starting"), "{log}");
+}

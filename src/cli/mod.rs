@@ -11,6 +11,7 @@ use crate::store::{Store, connect_once, migrate, partitions};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -418,12 +419,7 @@ async fn execute(cli: Cli) -> Result<(), Failure> {
     let config = load_config(&cli)?;
     match cli.command {
         Command::Migrate { dry_run } => migrate_command(&config, dry_run).await,
-        Command::Run { migrate } => {
-            if migrate {
-                migrate_command(&config, false).await?;
-            }
-            run_command(config).await
-        }
+        Command::Run { migrate } => run_command(config, migrate).await,
         Command::Status { json } => status_command(&config, json).await,
         Command::Health {
             live,
@@ -483,14 +479,38 @@ async fn migrate_command(config: &Config, dry_run: bool) -> Result<(), Failure> 
     Ok(())
 }
 
-async fn run_command(config: Config) -> Result<(), Failure> {
-    let service = Outboxd::start(config).await.map_err(anyhow::Error::from)?;
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), "outboxd running");
-    let token = service.shutdown_token();
+async fn run_command(config: Config, migrate: bool) -> Result<(), Failure> {
+    // Listened for before anything starts: a SIGTERM while migrating, connecting or
+    // creating partitions (an orchestrator stopping a slow start) ends the process
+    // cleanly, exit 0, instead of killing it with the signal's default action.
+    let signalled = CancellationToken::new();
+    let stop = signalled.clone();
+    let signals = wait_for_signal();
     answer_hangups();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.await;
         tracing::info!("signal received: draining");
+        stop.cancel();
+    });
+    let starting = async {
+        if migrate {
+            migrate_command(&config, false).await?;
+        }
+        Outboxd::start(config)
+            .await
+            .map_err(|e| Failure::from(anyhow::Error::from(e)))
+    };
+    let service = tokio::select! {
+        started = starting => started?,
+        _ = signalled.cancelled() => {
+            tracing::info!("stopped while starting: nothing was claimed");
+            return Ok(());
+        }
+    };
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "outboxd running");
+    let token = service.shutdown_token();
+    tokio::spawn(async move {
+        signalled.cancelled().await;
         token.cancel();
     });
     service.wait().await;
@@ -516,25 +536,33 @@ fn answer_hangups() {
     }
 }
 
-async fn wait_for_signal() {
+/// SIGTERM or SIGINT, listened for from the moment this is called (the future it returns
+/// only waits).
+fn wait_for_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+        let term = signal(SignalKind::terminate()).ok();
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        async move {
+            match (term, interrupt) {
+                (Some(mut term), Some(mut interrupt)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = interrupt.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
