@@ -4,30 +4,19 @@
 
 mod support;
 
+use support::eventually;
+
 use outboxd::config::{OnExpiry, WebhookConfig};
 use outboxd::{NewEvent, enqueue};
 use serde_json::json;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::webhook::{Endpoint, Hit, Reply};
 use support::{TestBroker, TestDb, route, start};
 
 const TOKEN: &str = "history-admin-token-0123456789";
-
-async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_that_failed_twice_then_passed_shows_both_failures_with_their_statuses() {

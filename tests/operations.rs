@@ -5,6 +5,8 @@
 
 mod support;
 
+use support::eventually;
+
 use outboxd::config::{RouteConfig, WebhookConfig};
 use outboxd::relay::Sweep;
 use outboxd::{NewEvent, enqueue};
@@ -17,19 +19,6 @@ use support::{TestBroker, TestDb, http_get, http_request, promtool, start};
 
 const TOKEN: &str = "test-admin-token-0123456789abcdef";
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-
-async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// The value of one sample line of a Prometheus exposition, e.g.
 /// `outbox_events_published_total{destination="rabbitmq"}`.

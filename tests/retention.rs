@@ -8,6 +8,8 @@
 
 mod support;
 
+use support::eventually;
+
 use outboxd::config::{OnExpiry, WebhookConfig};
 use outboxd::routing::Unrouted;
 use outboxd::store::Store;
@@ -101,19 +103,6 @@ async fn store(db: &TestDb) -> Store {
 fn keeping_everything(mut config: outboxd::Config) -> outboxd::Config {
     config.partitions.retention = Duration::from_secs(3650 * 86400);
     config
-}
-
-async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

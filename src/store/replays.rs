@@ -7,6 +7,7 @@ use super::{Store, StoreError, event_from_row};
 use crate::event::Event;
 use serde::Serialize;
 use std::time::{Duration, SystemTime};
+use tokio_postgres::types::ToSql;
 
 const CREATE_REPLAY: &str = include_str!("../../sql/create_replay.sql");
 const COUNT_REPLAY: &str = include_str!("../../sql/count_replay.sql");
@@ -47,9 +48,43 @@ fn rfc3339_opt<S: serde::Serializer>(time: &Option<SystemTime>, s: S) -> Result<
     }
 }
 
+/// A statement's parameters: the ones before the filter's, then the filter's seven.
+type Params<'a> = Vec<&'a (dyn ToSql + Sync)>;
+
 impl EventFilter {
     fn like(&self) -> Option<String> {
         self.event_type.as_deref().map(like_pattern)
+    }
+
+    /// `before`, then the filter as the seven parameters every filtering statement
+    /// takes in this order: from_id, to_id, from_at, to_at, event_type (as the LIKE
+    /// pattern `like`, from [`EventFilter::like`]), aggregate_type, aggregate_id.
+    fn params<'a>(&'a self, like: &'a Option<String>, before: Params<'a>) -> Params<'a> {
+        let mut params = before;
+        params.extend([
+            &self.from_id as &(dyn ToSql + Sync),
+            &self.to_id,
+            &self.from_at,
+            &self.to_at,
+            like,
+            &self.aggregate_type,
+            &self.aggregate_id,
+        ]);
+        params
+    }
+
+    /// The filter stored in a row's seven columns from `first` on (from_id, to_id,
+    /// from_at, to_at, event_type as given, aggregate_type, aggregate_id).
+    fn from_row(r: &tokio_postgres::Row, first: usize) -> EventFilter {
+        EventFilter {
+            from_id: r.get(first),
+            to_id: r.get(first + 1),
+            from_at: r.get(first + 2),
+            to_at: r.get(first + 3),
+            event_type: r.get(first + 4),
+            aggregate_type: r.get(first + 5),
+            aggregate_id: r.get(first + 6),
+        }
     }
 
     /// Whether the filter's time, type and aggregate parts name an event (ids are
@@ -106,15 +141,7 @@ fn replay_from_row(r: &tokio_postgres::Row) -> Replay {
     Replay {
         id: r.get(0),
         destination: r.get(1),
-        filter: EventFilter {
-            from_id: r.get(2),
-            to_id: r.get(3),
-            from_at: r.get(4),
-            to_at: r.get(5),
-            event_type: r.get(6),
-            aggregate_type: r.get(7),
-            aggregate_id: r.get(8),
-        },
+        filter: EventFilter::from_row(r, 2),
         rate: r.get(9),
         reason: r.get(10),
         requested_by: r.get(11),
@@ -187,22 +214,10 @@ impl Store {
         destination: &str,
         filter: &EventFilter,
     ) -> Result<ReplayCount, StoreError> {
-        let f = filter;
+        let like = filter.like();
         let client = self.pooled().await?;
         let row = client
-            .query_one(
-                COUNT_REPLAY,
-                &[
-                    &destination,
-                    &f.from_id,
-                    &f.to_id,
-                    &f.from_at,
-                    &f.to_at,
-                    &f.like(),
-                    &f.aggregate_type,
-                    &f.aggregate_id,
-                ],
-            )
+            .query_one(COUNT_REPLAY, &filter.params(&like, vec![&destination]))
             .await
             .map_err(StoreError::query("count_replay"))?;
         Ok(ReplayCount {
@@ -221,26 +236,17 @@ impl Store {
         reason: &str,
         by: &str,
     ) -> Result<(i64, i64), StoreError> {
-        let f = filter;
+        let like = filter.like();
+        let mut params = filter.params(&like, vec![&destination]);
+        params.extend([
+            &filter.event_type as &(dyn ToSql + Sync),
+            &rate,
+            &reason,
+            &by,
+        ]);
         let client = self.pooled().await?;
         let row = client
-            .query_one(
-                CREATE_REPLAY,
-                &[
-                    &destination,
-                    &f.from_id,
-                    &f.to_id,
-                    &f.from_at,
-                    &f.to_at,
-                    &f.event_type,
-                    &f.like(),
-                    &f.aggregate_type,
-                    &f.aggregate_id,
-                    &rate,
-                    &reason,
-                    &by,
-                ],
-            )
+            .query_one(CREATE_REPLAY, &params)
             .await
             .map_err(StoreError::query("create_replay"))?;
         Ok((row.get(0), row.get(1)))
@@ -264,15 +270,7 @@ impl Store {
         Ok(row.map(|r| ReplayJob {
             id: r.get(0),
             destination: r.get(1),
-            filter: EventFilter {
-                from_id: r.get(2),
-                to_id: r.get(3),
-                from_at: r.get(4),
-                to_at: r.get(5),
-                event_type: r.get(6),
-                aggregate_type: r.get(7),
-                aggregate_id: r.get(8),
-            },
+            filter: EventFilter::from_row(&r, 2),
             rate: r.get(9),
             cursor: r.get(10),
         }))
@@ -285,24 +283,13 @@ impl Store {
         after: i64,
         limit: i64,
     ) -> Result<Vec<Event>, StoreError> {
-        let f = &job.filter;
+        let like = job.filter.like();
+        let params = job
+            .filter
+            .params(&like, vec![&job.destination, &after, &limit]);
         let client = self.pooled().await?;
         let rows = client
-            .query(
-                REPLAY_BATCH,
-                &[
-                    &job.destination,
-                    &after,
-                    &limit,
-                    &f.from_id,
-                    &f.to_id,
-                    &f.from_at,
-                    &f.to_at,
-                    &f.like(),
-                    &f.aggregate_type,
-                    &f.aggregate_id,
-                ],
-            )
+            .query(REPLAY_BATCH, &params)
             .await
             .map_err(StoreError::query("replay_batch"))?;
         Ok(rows
@@ -406,22 +393,12 @@ impl Store {
         after: i64,
         limit: i64,
     ) -> Result<Vec<i64>, StoreError> {
-        let f = filter;
+        let like = filter.like();
         let client = self.pooled().await?;
         let rows = client
             .query(
                 REDRIVE_CANDIDATES,
-                &[
-                    &after,
-                    &limit,
-                    &f.from_id,
-                    &f.to_id,
-                    &f.from_at,
-                    &f.to_at,
-                    &f.like(),
-                    &f.aggregate_type,
-                    &f.aggregate_id,
-                ],
+                &filter.params(&like, vec![&after, &limit]),
             )
             .await
             .map_err(StoreError::query("redrive_candidates"))?;

@@ -48,6 +48,20 @@ pub async fn http_request(
     (status, body)
 }
 
+/// Checks `check` every 50 ms until it holds (true) or `timeout` passes (false).
+pub async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// promtool: `$PROMTOOL` (set by `scripts/test`), then the copy `scripts/test` unpacks
 /// under target/tools, then PATH. Missing, the test fails: it is never skipped.
 pub fn promtool() -> std::path::PathBuf {
